@@ -1,0 +1,71 @@
+//! The few OS-level knobs and readings the tool needs on Linux: the open-file limit (one
+//! descriptor per connection), `IP_BIND_ADDRESS_NO_PORT` for source-bound sockets, and a
+//! process's resident set size from `/proc/PID/status` (to size per-connection memory).
+
+use std::os::fd::AsRawFd;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Asks the kernel to choose the local port at `connect()` (against the whole 4-tuple)
+/// instead of at `bind()`, so a source address is not limited by ports it bound but
+/// never used. Best effort: older kernels just ignore the failure.
+pub fn bind_address_no_port(socket: &impl AsRawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: a plain setsockopt on a socket we own, with a correctly sized int option.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// `VmRSS` of process `pid` (`"self"` for this one) in bytes, if readable.
+pub fn vm_rss_bytes(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_rss(&status)
+}
+
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vm_rss() {
+        let s = "Name:\tx\nVmPeak:\t  100 kB\nVmRSS:\t    2048 kB\nThreads:\t1\n";
+        assert_eq!(parse_vm_rss(s), Some(2048 * 1024));
+        assert_eq!(parse_vm_rss("Name: x\n"), None);
+        assert!(vm_rss_bytes("self").unwrap() > 0);
+    }
+}

@@ -1,0 +1,326 @@
+//! Typed, validated configuration.
+//!
+//! Layers, later wins: the defaults compiled into this module (identical to the shipped
+//! `config.toml`, which a test checks), then the TOML file (`--config PATH`, or
+//! `./config.toml` when present), then environment variables `GATEWAY_<SECTION>__<KEY>`
+//! (double underscore between section and key, e.g. `GATEWAY_ROOM__BATCH_MS=20`).
+//! Layering is figment's job; this module owns the shape, the defaults and the checks
+//! that serde cannot express (ranges, cross-field rules). Every error names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration could not be loaded. The message always names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value had the wrong type or a file did not parse.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value parsed but is out of its allowed range.
+    #[error("invalid configuration: `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+    /// `--config` named a file that does not exist.
+    #[error("configuration file {0} not found")]
+    Missing(PathBuf),
+}
+
+/// The whole gateway configuration, one section per `[table]` in `config.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub api: ApiConfig,
+    pub limits: LimitsConfig,
+    pub room: RoomConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP + WebSocket listener binds.
+    pub listen: SocketAddr,
+    /// This node's id in `hello.node` and event ids; empty = generated at start.
+    pub node_id: String,
+    /// Room shards (actors); 0 = one per CPU core.
+    pub shards: usize,
+    /// Server pings every this many ms; a connection silent for twice this is closed 4000.
+    pub heartbeat_ms: u64,
+    /// On SIGTERM, connections are closed with 1001 spread over this many seconds.
+    pub drain_s: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("literal address"),
+            node_id: String::new(),
+            shards: 0,
+            heartbeat_ms: 25_000,
+            drain_s: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret that signs client JWTs.
+    pub secret: String,
+    /// Whether a connection without a token may join rooms as a read-only viewer.
+    pub allow_anonymous: bool,
+}
+
+/// The shipped secrets are for a laptop; `main` warns when they are still in use.
+pub const DEV_SECRET: &str = "dev-secret-change-me";
+pub const DEV_API_TOKEN: &str = "dev-api-token-change-me";
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            secret: DEV_SECRET.into(),
+            allow_anonymous: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer token backend services present on `/api/v1/...`.
+    pub token: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            token: DEV_API_TOKEN.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections per node; beyond → HTTP 503 before the upgrade.
+    pub max_conns: usize,
+    /// Connections per client IP; 0 = off (carrier NAT puts thousands behind one address).
+    pub max_conns_per_ip: usize,
+    /// Rooms one connection may be in at once.
+    pub rooms_per_conn: usize,
+    /// Longest chat text, in characters.
+    pub max_text_chars: usize,
+    /// Largest inbound WebSocket message; larger → close 1009.
+    pub max_frame_bytes: usize,
+    /// Bad frames in a row before close 1008.
+    pub max_bad_frames: u32,
+    /// Frames a connection's outbound queue holds before the slow-consumer policy applies.
+    pub outbound_queue: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_conns: 100_000,
+            max_conns_per_ip: 0,
+            rooms_per_conn: 8,
+            max_text_chars: 200,
+            max_frame_bytes: 65_536,
+            max_bad_frames: 10,
+            outbound_queue: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomConfig {
+    /// A room's events are gathered this long and sent as one `batch` frame.
+    pub batch_ms: u64,
+    /// A `presence` event is sent this often when a room's online count changed.
+    pub presence_ms: u64,
+    /// Events kept per room for `join` with `history`.
+    pub history_len: usize,
+    /// Members per room on this node; 0 = unlimited. Beyond → `room_full`.
+    pub max_members: usize,
+    /// Events a room buffers inside one window; beyond, droppable events are dropped.
+    pub max_pending: usize,
+    /// An empty room's state (history) is forgotten after this many seconds.
+    pub idle_ttl_s: u64,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        Self {
+            batch_ms: 50,
+            presence_ms: 1000,
+            history_len: 100,
+            max_members: 0,
+            max_pending: 10_000,
+            idle_ttl_s: 300,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `path` (or `./config.toml` if it exists), then `GATEWAY_*` env.
+    ///
+    /// # Errors
+    /// A missing explicit file, a value of the wrong type, an unknown key, or a value
+    /// out of range; the message names the key.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(p) if !p.exists() => return Err(ConfigError::Missing(p.to_path_buf())),
+            Some(p) => fig = fig.merge(Toml::file(p)),
+            None if Path::new("config.toml").exists() => fig = fig.merge(Toml::file("config.toml")),
+            None => {}
+        }
+        Self::extract(fig.merge(Env::prefixed("GATEWAY_").split("__")))
+    }
+
+    /// Parses a TOML document over the defaults (no env): used by tests and `load`.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::extract(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)),
+        )
+    }
+
+    fn extract(fig: Figment) -> Result<Self, ConfigError> {
+        let cfg: Config = fig.extract().map_err(|e| {
+            // figment's Display names the key ("for key `default.room.batch_ms`"); drop
+            // the profile prefix so the message matches what the user wrote.
+            ConfigError::Parse(e.to_string().replace("`default.", "`"))
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Range and cross-field checks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn check(ok: bool, key: &'static str, message: &str) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    message: message.into(),
+                })
+            }
+        }
+        check(
+            self.server.heartbeat_ms >= 100,
+            "server.heartbeat_ms",
+            "must be at least 100",
+        )?;
+        check(
+            self.server.shards <= 1024,
+            "server.shards",
+            "must be at most 1024",
+        )?;
+        check(
+            !self.auth.secret.is_empty(),
+            "auth.secret",
+            "must not be empty",
+        )?;
+        check(!self.api.token.is_empty(), "api.token", "must not be empty")?;
+        check(
+            self.limits.max_conns > 0,
+            "limits.max_conns",
+            "must be positive",
+        )?;
+        check(
+            self.limits.rooms_per_conn > 0,
+            "limits.rooms_per_conn",
+            "must be positive",
+        )?;
+        check(
+            self.limits.max_text_chars > 0,
+            "limits.max_text_chars",
+            "must be positive",
+        )?;
+        check(
+            (256..=16 << 20).contains(&self.limits.max_frame_bytes),
+            "limits.max_frame_bytes",
+            "must be between 256 and 16777216",
+        )?;
+        check(
+            self.limits.max_bad_frames > 0,
+            "limits.max_bad_frames",
+            "must be positive",
+        )?;
+        check(
+            self.limits.outbound_queue > 0,
+            "limits.outbound_queue",
+            "must be positive",
+        )?;
+        check(
+            (1..=10_000).contains(&self.room.batch_ms),
+            "room.batch_ms",
+            "must be between 1 and 10000",
+        )?;
+        check(
+            self.room.presence_ms >= 10,
+            "room.presence_ms",
+            "must be at least 10",
+        )?;
+        check(
+            self.room.history_len <= 10_000,
+            "room.history_len",
+            "must be at most 10000",
+        )?;
+        check(
+            self.room.max_pending > 0,
+            "room.max_pending",
+            "must be positive",
+        )?;
+        Ok(())
+    }
+
+    /// Shard count with `0` resolved to the number of CPU cores.
+    pub fn shard_count(&self) -> usize {
+        match self.server.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_equals_defaults() {
+        let text = include_str!("../config.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let err = Config::from_toml("[room]\nbatch_ms = \"fast\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("room.batch_ms"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_names_key() {
+        let err = Config::from_toml("[room]\nbatch_ms = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("room.batch_ms"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = Config::from_toml("[room]\nbatchms = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("batchms"), "{err}");
+    }
+}

@@ -1,0 +1,295 @@
+//! HTTP surface: the `/ws` upgrade (with every check that must answer before it),
+//! health and readiness, `/metrics`, and the backend API under `/api/v1`.
+//!
+//! Every error is JSON `{"code","message"}` with a fitting status. Request bodies are
+//! parsed here, not by an extractor, so a bad body is always our 400 naming the field
+//! (never a framework's 422 or plain-text rejection).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::admission::Refused;
+use crate::metrics;
+use crate::protocol::{EventBody, Format, RoomId, User};
+use crate::server::Shared;
+use crate::session;
+
+/// Inbound read buffer per socket. tungstenite's default (128 KiB, zero-filled on read)
+/// would cost more than the whole connection budget; client frames are small and a
+/// larger one is simply read in several chunks.
+const WS_READ_BUFFER: usize = 2048;
+/// Outgoing frames are gathered up to this size before a write (one syscall for many
+/// batches when a member is behind).
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+/// Hard cap of tungstenite's outgoing buffer; the outbound queue bounds frames before it.
+const WS_MAX_WRITE_BUFFER: usize = 1 << 20;
+
+/// An HTTP error answer: status plus `{"code","message"}`.
+#[derive(Debug)]
+pub struct HttpError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl HttpError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(json!({"code": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/rooms/{room}/events", post(post_event))
+        .route("/api/v1/rooms/{room}", get(get_room))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            require_api_token,
+        ));
+    Router::new()
+        .route("/ws", get(ws_upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .merge(api)
+        .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(shared)
+}
+
+/// Everything checked before the upgrade, in the order PROTOCOL.md gives.
+async fn ws_upgrade(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, HttpError> {
+    if shared.drain.is_cancelled() {
+        metrics::refused("draining");
+        return Err(HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "node is draining",
+        ));
+    }
+    let params: HashMap<String, String> =
+        serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+            .map_err(|e| HttpError::bad_request(format!("query: {e}")))?;
+    let room = params
+        .get("room")
+        .map(|r| RoomId::parse(r))
+        .transpose()
+        .map_err(|e| HttpError::bad_request(e.message))?;
+    let format_param = params
+        .get("format")
+        .map(|f| {
+            Format::from_param(f)
+                .ok_or_else(|| HttpError::bad_request("format: must be json or msgpack"))
+        })
+        .transpose()?;
+    let user = match params.get("token") {
+        Some(token) => Some(
+            shared
+                .auth
+                .verify(token)
+                .map_err(|e| HttpError::unauthorized(e.to_string()))?,
+        ),
+        None if shared.cfg.auth.allow_anonymous => None,
+        None => return Err(HttpError::unauthorized("token required")),
+    };
+    let ticket = shared.admission.admit(peer.ip()).map_err(|r| {
+        let (status, reason) = match r {
+            Refused::NodeFull => (StatusCode::SERVICE_UNAVAILABLE, "max_conns"),
+            Refused::IpFull => (StatusCode::TOO_MANY_REQUESTS, "max_conns_per_ip"),
+        };
+        metrics::refused(reason);
+        HttpError::new(
+            status,
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                "unavailable"
+            } else {
+                "rate_limited"
+            },
+            r.to_string(),
+        )
+    })?;
+    let upgrade = upgrade
+        .map_err(|e| HttpError::bad_request(format!("expected a WebSocket upgrade: {e}")))?;
+    let limit = shared.cfg.limits.max_frame_bytes;
+    let upgrade = upgrade
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .protocols([Format::SUBPROTOCOL_JSON, Format::SUBPROTOCOL_MSGPACK]);
+    // An explicit `format=` wins over the subprotocol.
+    let format = format_param
+        .or_else(|| {
+            upgrade
+                .selected_protocol()
+                .and_then(|p| p.to_str().ok())
+                .and_then(Format::from_subprotocol)
+        })
+        .unwrap_or(Format::Json);
+    let params = session::Params {
+        user,
+        format,
+        room,
+        ticket,
+    };
+    let sessions = shared.sessions.clone();
+    Ok(upgrade.on_upgrade(move |ws| sessions.track_future(session::run(ws, shared, params))))
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.drain.is_cancelled() {
+        return HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "node is draining",
+        )
+        .into_response();
+    }
+    axum::Json(json!({"status": "ready"})).into_response()
+}
+
+async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.prometheus.render(),
+    )
+}
+
+/// `Authorization: Bearer <api.token>` on every `/api` route.
+async fn require_api_token(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if constant_time_eq(t.as_bytes(), shared.cfg.api.token.as_bytes()) => {
+            next.run(req).await
+        }
+        Some(_) => HttpError::unauthorized("bad API token").into_response(),
+        None => {
+            HttpError::unauthorized("missing Authorization: Bearer <api.token>").into_response()
+        }
+    }
+}
+
+/// Compares without an early exit, so response timing does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn room_param(room: &str) -> Result<RoomId, HttpError> {
+    RoomId::parse(room).map_err(|e| HttpError::bad_request(e.message))
+}
+
+/// Parses a JSON body; the error names the field that failed.
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            HttpError::bad_request(format!("body: {inner}"))
+        } else {
+            HttpError::bad_request(format!("{path}: {inner}"))
+        }
+    })
+}
+
+/// An event a backend posts into a room.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ApiEvent {
+    System {
+        text: String,
+        #[serde(default)]
+        data: Option<serde_json::Value>,
+    },
+    Chat {
+        user: User,
+        text: String,
+    },
+}
+
+async fn post_event(
+    State(shared): State<Arc<Shared>>,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let room = room_param(&room)?;
+    let body = match parse_body::<ApiEvent>(&body)? {
+        ApiEvent::System { text, data } => {
+            if text.is_empty() {
+                return Err(HttpError::bad_request("text: must not be empty"));
+            }
+            EventBody::System { text, data }
+        }
+        ApiEvent::Chat { user, text } => {
+            crate::protocol::check_text(&text, shared.cfg.limits.max_text_chars)
+                .map_err(|e| HttpError::bad_request(e.message))?;
+            if user.id.is_empty() {
+                return Err(HttpError::bad_request("user.id: must not be empty"));
+            }
+            EventBody::Chat { user, text }
+        }
+    };
+    let id = shared.hub.publish(&room, body);
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({"id": id}))).into_response())
+}
+
+async fn get_room(
+    State(shared): State<Arc<Shared>>,
+    Path(room): Path<String>,
+) -> Result<Response, HttpError> {
+    let room = room_param(&room)?;
+    let online = shared.hub.online(&room);
+    Ok(axum::Json(json!({"room": room, "online": online})).into_response())
+}

@@ -1,0 +1,555 @@
+//! The room registry and the sharded actors that batch and fan out room events.
+//!
+//! Shape (why it is so):
+//! - **Rooms** live in a `DashMap`. A room holds its pending events for the current
+//!   window, its history, and per shard the number of its local members. Publishing locks
+//!   only that room's state for a `Vec::push`; nothing is awaited under a lock.
+//! - **Flushers** (one per shard index) own the rooms whose id hashes to them. Every
+//!   `room.batch_ms` a flusher takes each dirty room's pending events, appends them to the
+//!   history, wraps them in one [`Batch`] and hands that `Arc` to every shard holding
+//!   members of the room. A room's events are thus ordered in one place, so every member
+//!   on every shard sees the same order, and one window costs one frame per member.
+//! - **Shards** (N = cores by default) each own the local members of the connections
+//!   hashed to them, per room. A shard turns a batch into a message once per format
+//!   (`OnceLock`, shared by all shards) and pushes a refcounted clone into each member's
+//!   bounded queue. A giant room is spread over every shard, so its fan-out uses every
+//!   core, and a slow member never blocks it: a full queue drops a droppable batch (chat,
+//!   presence) or marks the connection to be closed with 4010.
+//! - Flushers wait on shards (bounded channels, backpressure), shards never wait on
+//!   anything but their own inbox, so there is no cycle to deadlock on.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::extract::ws::Message;
+use dashmap::DashMap;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::RoomConfig;
+use crate::metrics;
+use crate::protocol::{CloseCode, Event, EventBody, Format, RoomId, ServerFrame, now_ms};
+
+/// Connection ids are unique per node and never reused while the process lives.
+pub type ConnId = u64;
+
+/// Capacity of each shard's inbox; joins wait when it is full (backpressure on storms).
+const SHARD_INBOX: usize = 8192;
+
+/// What callers of [`Hub::join`] handle.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JoinError {
+    #[error("room is full")]
+    RoomFull,
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// The part of a connection that shards need: its format, its bounded outbound queue,
+/// and a way to ask its session to close. Shared by the session and every shard it is a
+/// member on.
+pub struct Conn {
+    pub id: ConnId,
+    pub format: Format,
+    /// Bounded: the slow-consumer policy applies when it is full.
+    tx: flume::Sender<Message>,
+    /// Close code requested by a shard (0 = none); the session reads it when notified.
+    close: AtomicU16,
+    /// Wakes the session when `close` is set; `notify_one` keeps a permit, so a kill that
+    /// lands before the session waits is not lost.
+    notify: Notify,
+}
+
+/// Outcome of queueing one frame to a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    Dropped,
+    Killed,
+    Gone,
+}
+
+impl Conn {
+    /// A connection and the receiving end of its outbound queue (capacity `queue`).
+    pub fn new(id: ConnId, format: Format, queue: usize) -> (Arc<Conn>, flume::Receiver<Message>) {
+        let (tx, rx) = flume::bounded(queue);
+        let conn = Arc::new(Conn {
+            id,
+            format,
+            tx,
+            close: AtomicU16::new(0),
+            notify: Notify::new(),
+        });
+        (conn, rx)
+    }
+
+    /// Queues `msg` without waiting; applies the slow-consumer policy when full.
+    pub fn push(&self, msg: &Message, droppable: bool) -> Push {
+        match self.tx.try_send(msg.clone()) {
+            Ok(()) => Push::Queued,
+            Err(flume::TrySendError::Disconnected(_)) => Push::Gone,
+            Err(flume::TrySendError::Full(_)) if droppable => Push::Dropped,
+            Err(flume::TrySendError::Full(_)) => {
+                self.kill(CloseCode::SlowConsumer);
+                Push::Killed
+            }
+        }
+    }
+
+    /// Asks the session to close with `code`; the first request wins.
+    pub fn kill(&self, code: CloseCode) {
+        if self
+            .close
+            .compare_exchange(0, code.code(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves once a close was requested, with its code.
+    pub async fn killed(&self) -> CloseCode {
+        loop {
+            self.notify.notified().await;
+            let code = self.close.load(Ordering::Acquire);
+            if let Some(c) = CloseCode::ALL.into_iter().find(|c| c.code() == code) {
+                return c;
+            }
+        }
+    }
+}
+
+/// One window of one room's events, encoded lazily once per format and shared.
+pub struct Batch {
+    pub room: RoomId,
+    pub events: Vec<Arc<Event>>,
+    /// True when every event may be dropped for a slow consumer.
+    pub droppable: bool,
+    json: OnceLock<Message>,
+    msgpack: OnceLock<Message>,
+}
+
+impl Batch {
+    pub fn new(room: RoomId, events: Vec<Arc<Event>>) -> Self {
+        let droppable = events.iter().all(|e| e.body.droppable());
+        Self {
+            room,
+            events,
+            droppable,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
+    }
+
+    /// The encoded frame for `format`; the first caller encodes, everyone shares it.
+    pub fn message(&self, format: Format) -> &Message {
+        let cell = match format {
+            Format::Json => &self.json,
+            Format::Msgpack => &self.msgpack,
+        };
+        cell.get_or_init(|| {
+            ServerFrame::Batch {
+                room: &self.room,
+                events: &self.events,
+            }
+            .encode(format)
+        })
+    }
+}
+
+/// A room's state on this node.
+struct Room {
+    id: RoomId,
+    /// Index of the flusher that batches this room.
+    owner: usize,
+    /// Local members (connections) on this node.
+    online: AtomicU64,
+    /// Local members per shard, so a batch goes only to shards that have members.
+    per_shard: Box<[AtomicU32]>,
+    state: Mutex<RoomState>,
+}
+
+struct RoomState {
+    /// Events of the current window, in arrival order.
+    pending: Vec<Event>,
+    /// Recent non-presence events, oldest first, at most `history_len`.
+    history: VecDeque<Arc<Event>>,
+    /// Whether the room is on its flusher's dirty list.
+    dirty: bool,
+    /// Online count last announced by a `presence` event.
+    presence_sent: u64,
+    /// Last join, leave or event: an empty room is forgotten `idle_ttl_s` after this.
+    last_active: Instant,
+}
+
+/// What a successful join returns for the `joined` reply.
+pub struct Joined {
+    pub online: u64,
+    pub history: Vec<Arc<Event>>,
+}
+
+enum ShardCmd {
+    Join {
+        room: RoomId,
+        conn: Arc<Conn>,
+        done: oneshot::Sender<()>,
+    },
+    Leave {
+        room: RoomId,
+        conn: ConnId,
+    },
+    Deliver(Arc<Batch>),
+}
+
+/// Handle to the hub; cheap to clone.
+#[derive(Clone)]
+pub struct Hub(Arc<Inner>);
+
+struct Inner {
+    node: Arc<str>,
+    cfg: RoomConfig,
+    rooms: DashMap<RoomId, Arc<Room>>,
+    shards: Box<[flume::Sender<ShardCmd>]>,
+    /// Per flusher, the rooms with pending events.
+    dirty: Box<[Mutex<Vec<Arc<Room>>>]>,
+    hasher: std::collections::hash_map::RandomState,
+    seq: AtomicU64,
+}
+
+impl Hub {
+    /// Starts `shards` shard actors and as many flushers on `tracker`; they stop when
+    /// `cancel` fires.
+    pub fn start(
+        node: Arc<str>,
+        cfg: RoomConfig,
+        shards: usize,
+        cancel: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Hub {
+        let shards = shards.max(1);
+        let mut senders = Vec::with_capacity(shards);
+        let mut inboxes = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let (tx, rx) = flume::bounded(SHARD_INBOX);
+            senders.push(tx);
+            inboxes.push(rx);
+        }
+        let hub = Hub(Arc::new(Inner {
+            node,
+            cfg,
+            rooms: DashMap::new(),
+            shards: senders.into(),
+            dirty: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            hasher: Default::default(),
+            seq: AtomicU64::new(0),
+        }));
+        for (i, rx) in inboxes.into_iter().enumerate() {
+            tracker.spawn(shard_loop(rx, cancel.clone()));
+            tracker.spawn(hub.clone().flusher_loop(i, cancel.clone()));
+        }
+        hub
+    }
+
+    pub fn node(&self) -> &str {
+        &self.0.node
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.0.shards.len()
+    }
+
+    fn index_of(&self, key: impl Hash) -> usize {
+        (self.0.hasher.hash_one(key) % self.0.shards.len() as u64) as usize
+    }
+
+    fn shard_of(&self, conn: ConnId) -> usize {
+        // Connection ids are sequential: a plain modulo spreads them evenly.
+        (conn % self.0.shards.len() as u64) as usize
+    }
+
+    fn room_or_create(&self, id: &RoomId) -> dashmap::mapref::one::RefMut<'_, RoomId, Arc<Room>> {
+        self.0.rooms.entry(id.clone()).or_insert_with(|| {
+            metrics::hot().rooms.increment(1.0);
+            Arc::new(Room {
+                id: id.clone(),
+                owner: self.index_of(id),
+                online: AtomicU64::new(0),
+                per_shard: (0..self.0.shards.len())
+                    .map(|_| AtomicU32::new(0))
+                    .collect(),
+                state: Mutex::new(RoomState {
+                    pending: Vec::new(),
+                    history: VecDeque::new(),
+                    dirty: false,
+                    presence_sent: 0,
+                    last_active: Instant::now(),
+                }),
+            })
+        })
+    }
+
+    /// Adds `conn` to `room`; once this returns, every later batch of the room reaches it.
+    ///
+    /// # Errors
+    /// [`JoinError::RoomFull`] past `room.max_members` local members;
+    /// [`JoinError::ShuttingDown`] when the shard has stopped.
+    pub async fn join(
+        &self,
+        room: &RoomId,
+        conn: &Arc<Conn>,
+        history: usize,
+    ) -> Result<Joined, JoinError> {
+        let shard = self.shard_of(conn.id);
+        let r = {
+            // The entry guard makes "create or find, then count" atomic against the
+            // idle-room sweep, which removes only rooms with no members.
+            let entry = self.room_or_create(room);
+            let max = self.0.cfg.max_members as u64;
+            let prev = entry.online.fetch_add(1, Ordering::AcqRel);
+            if max > 0 && prev >= max {
+                entry.online.fetch_sub(1, Ordering::AcqRel);
+                return Err(JoinError::RoomFull);
+            }
+            entry.per_shard[shard].fetch_add(1, Ordering::AcqRel);
+            Arc::clone(&entry)
+        };
+        let (done, registered) = oneshot::channel();
+        let sent = self.0.shards[shard]
+            .send_async(ShardCmd::Join {
+                room: room.clone(),
+                conn: Arc::clone(conn),
+                done,
+            })
+            .await;
+        if sent.is_err() || registered.await.is_err() {
+            self.forget_member(&r, shard);
+            return Err(JoinError::ShuttingDown);
+        }
+        metrics::hot().room_members.increment(1.0);
+        let mut st = r.state.lock().expect("room lock");
+        st.last_active = Instant::now();
+        let skip = st.history.len().saturating_sub(history);
+        Ok(Joined {
+            online: r.online.load(Ordering::Acquire),
+            history: st.history.iter().skip(skip).cloned().collect(),
+        })
+    }
+
+    /// Removes `conn` from `room` (a member, as the session tracks).
+    pub async fn leave(&self, room: &RoomId, conn: ConnId) {
+        let shard = self.shard_of(conn);
+        let _ = self.0.shards[shard]
+            .send_async(ShardCmd::Leave {
+                room: room.clone(),
+                conn,
+            })
+            .await;
+        if let Some(r) = self.0.rooms.get(room).map(|r| Arc::clone(&r)) {
+            self.forget_member(&r, shard);
+            metrics::hot().room_members.decrement(1.0);
+        }
+    }
+
+    fn forget_member(&self, r: &Room, shard: usize) {
+        r.per_shard[shard].fetch_sub(1, Ordering::AcqRel);
+        r.online.fetch_sub(1, Ordering::AcqRel);
+        r.state.lock().expect("room lock").last_active = Instant::now();
+    }
+
+    /// The last `n` history events of `room`, oldest first.
+    pub fn history(&self, room: &RoomId, n: usize) -> Vec<Arc<Event>> {
+        let Some(r) = self.0.rooms.get(room).map(|r| Arc::clone(&r)) else {
+            return Vec::new();
+        };
+        let st = r.state.lock().expect("room lock");
+        let skip = st.history.len().saturating_sub(n);
+        st.history.iter().skip(skip).cloned().collect()
+    }
+
+    /// Local members of `room` on this node.
+    pub fn online(&self, room: &RoomId) -> u64 {
+        self.0
+            .rooms
+            .get(room)
+            .map_or(0, |r| r.online.load(Ordering::Acquire))
+    }
+
+    /// Rooms this node holds state for.
+    pub fn room_count(&self) -> usize {
+        self.0.rooms.len()
+    }
+
+    /// A fresh cluster-unique event id.
+    fn next_id(&self) -> String {
+        let n = self.0.seq.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.0.node)
+    }
+
+    /// Accepts an event for `room`: it goes out with the room's next batch. Returns the
+    /// event's id. A droppable event arriving when the window already holds
+    /// `room.max_pending` events is discarded (and counted): a flood must not grow memory.
+    pub fn publish(&self, room: &RoomId, body: EventBody) -> String {
+        let kind = body.kind();
+        let droppable = body.droppable();
+        let event = Event {
+            id: self.next_id(),
+            ts: now_ms(),
+            body,
+        };
+        let id = event.id.clone();
+        let r = Arc::clone(&self.room_or_create(room));
+        let mut st = r.state.lock().expect("room lock");
+        if droppable && st.pending.len() >= self.0.cfg.max_pending {
+            drop(st);
+            metrics::hot().events_dropped.increment(1);
+            return id;
+        }
+        st.pending.push(event);
+        st.last_active = Instant::now();
+        if !st.dirty {
+            st.dirty = true;
+            drop(st);
+            self.0.dirty[r.owner].lock().expect("dirty lock").push(r);
+        }
+        metrics::event(kind);
+        id
+    }
+
+    async fn flusher_loop(self, index: usize, cancel: CancellationToken) {
+        let mut batch_tick = tokio::time::interval(Duration::from_millis(self.0.cfg.batch_ms));
+        batch_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut presence_tick =
+            tokio::time::interval(Duration::from_millis(self.0.cfg.presence_ms));
+        presence_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = batch_tick.tick() => self.flush(index).await,
+                _ = presence_tick.tick() => self.sweep(index),
+            }
+        }
+    }
+
+    /// Sends one batch per dirty room of flusher `index`.
+    async fn flush(&self, index: usize) {
+        let dirty = std::mem::take(&mut *self.0.dirty[index].lock().expect("dirty lock"));
+        let hot = metrics::hot();
+        for room in dirty {
+            let events: Vec<Arc<Event>> = {
+                let mut st = room.state.lock().expect("room lock");
+                st.dirty = false;
+                let events: Vec<Arc<Event>> = st.pending.drain(..).map(Arc::new).collect();
+                let cap = self.0.cfg.history_len;
+                for e in events.iter().filter(|e| e.body.in_history()) {
+                    if st.history.len() == cap {
+                        st.history.pop_front();
+                    }
+                    if cap > 0 {
+                        st.history.push_back(Arc::clone(e));
+                    }
+                }
+                events
+            };
+            if events.is_empty() {
+                continue;
+            }
+            hot.batches.increment(1);
+            hot.batch_events.record(events.len() as f64);
+            let batch = Arc::new(Batch::new(room.id.clone(), events));
+            for (shard, members) in room.per_shard.iter().enumerate() {
+                if members.load(Ordering::Acquire) > 0 {
+                    let _ = self.0.shards[shard]
+                        .send_async(ShardCmd::Deliver(Arc::clone(&batch)))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Announces changed online counts and forgets idle empty rooms, for flusher `index`.
+    fn sweep(&self, index: usize) {
+        let idle_ttl = Duration::from_secs(self.0.cfg.idle_ttl_s);
+        let mut changed = Vec::new();
+        for r in self.0.rooms.iter().filter(|r| r.owner == index) {
+            let online = r.online.load(Ordering::Acquire);
+            let st = r.state.lock().expect("room lock");
+            if online != st.presence_sent && online > 0 {
+                changed.push((r.id.clone(), online));
+            }
+        }
+        for (room, online) in changed {
+            if let Some(r) = self.0.rooms.get(&room).map(|r| Arc::clone(&r)) {
+                r.state.lock().expect("room lock").presence_sent = online;
+            }
+            self.publish(&room, EventBody::Presence { online });
+        }
+        let removed_before = self.0.rooms.len();
+        self.0.rooms.retain(|_, r| {
+            if r.owner != index || r.online.load(Ordering::Acquire) > 0 {
+                return true;
+            }
+            let st = r.state.lock().expect("room lock");
+            st.dirty || !st.pending.is_empty() || st.last_active.elapsed() < idle_ttl
+        });
+        let removed = removed_before.saturating_sub(self.0.rooms.len());
+        if removed > 0 {
+            metrics::hot().rooms.decrement(removed as f64);
+        }
+    }
+}
+
+/// One shard: the local members of its connections, per room.
+async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: CancellationToken) {
+    let mut rooms: HashMap<RoomId, HashMap<ConnId, Arc<Conn>>> = HashMap::new();
+    let hot = metrics::hot();
+    loop {
+        let cmd = tokio::select! {
+            _ = cancel.cancelled() => break,
+            cmd = inbox.recv_async() => match cmd { Ok(c) => c, Err(_) => break },
+        };
+        match cmd {
+            ShardCmd::Join { room, conn, done } => {
+                rooms.entry(room).or_default().insert(conn.id, conn);
+                let _ = done.send(());
+            }
+            ShardCmd::Leave { room, conn } => {
+                if let Some(members) = rooms.get_mut(&room) {
+                    members.remove(&conn);
+                    if members.is_empty() {
+                        rooms.remove(&room);
+                    }
+                }
+            }
+            ShardCmd::Deliver(batch) => {
+                let Some(members) = rooms.get(&batch.room) else {
+                    continue;
+                };
+                // Resolve each format's message once, not per member.
+                let mut json: Option<&Message> = None;
+                let mut msgpack: Option<&Message> = None;
+                let (mut queued, mut dropped) = (0u64, 0u64);
+                for conn in members.values() {
+                    let slot = match conn.format {
+                        Format::Json => &mut json,
+                        Format::Msgpack => &mut msgpack,
+                    };
+                    let msg = *slot.get_or_insert_with(|| batch.message(conn.format));
+                    match conn.push(msg, batch.droppable) {
+                        Push::Queued => queued += 1,
+                        Push::Dropped => dropped += 1,
+                        Push::Killed | Push::Gone => {}
+                    }
+                }
+                hot.deliveries.increment(queued);
+                if dropped > 0 {
+                    hot.outbound_dropped.increment(dropped);
+                }
+            }
+        }
+    }
+}

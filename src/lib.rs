@@ -1,0 +1,37 @@
+//! # danmaku-gateway
+//!
+//! A real-time danmaku (bullet-comment) and live-chat WebSocket gateway. Browsers and
+//! apps connect over WebSocket, join rooms (one per live stream), send chat; the gateway
+//! gathers each room's events for a short window and sends every member one `batch`
+//! frame per window, encoded once and shared. The wire contract is `PROTOCOL.md`.
+//!
+//! # Layout
+//! Follow a chat message: [`http`] upgrades the socket → [`session`] decodes the frame
+//! ([`protocol`]) and checks it → [`hub`] queues it on the room → the room's flusher
+//! batches the window → each shard holding members pushes the shared frame into their
+//! bounded queues → each [`session`] writes it.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | `config.toml` + `GATEWAY_*` env → typed, validated [`config::Config`] |
+//! | [`protocol`] | frames, events, error and close codes, JSON/MessagePack codecs |
+//! | [`auth`] | HS256 JWT verification of client tokens |
+//! | [`admission`] | per-node and per-IP connection caps, checked before the upgrade |
+//! | [`session`] | one connection: reads, writes, heartbeats, its rooms |
+//! | [`hub`] | rooms, flushers (batching) and shards (fan-out) |
+//! | [`http`] | `/ws`, `/healthz`, `/readyz`, `/metrics`, `/api/v1/...` |
+//! | [`metrics`] | every metric's name and description, hot-path handles |
+//! | [`server`] | wiring, serving, graceful drain |
+//! | [`shutdown`] | the signals that start a drain |
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod shutdown;

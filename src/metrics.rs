@@ -1,0 +1,178 @@
+//! Every metric the gateway exports, named and described in one place.
+//!
+//! Prometheus conventions: `_total` counters, base units, labels of low cardinality only
+//! (close codes, error codes, event types — never a room or user id). Hot paths use
+//! [`hot()`], handles resolved once, so counting a frame is an atomic add and not a
+//! registry lookup. The recorder is process-global (the `metrics` facade allows one), so
+//! several gateways in one test process share it; [`install`] is idempotent.
+
+use std::sync::OnceLock;
+
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::protocol::{CloseCode, ErrorCode};
+
+pub const CONNECTIONS: &str = "danmaku_connections";
+pub const CONNECTIONS_OPENED: &str = "danmaku_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "danmaku_connections_closed_total";
+pub const CONNECTIONS_REFUSED: &str = "danmaku_connections_refused_total";
+pub const ROOMS: &str = "danmaku_rooms";
+pub const ROOM_MEMBERS: &str = "danmaku_room_members";
+pub const FRAMES_IN: &str = "danmaku_frames_in_total";
+pub const FRAMES_OUT: &str = "danmaku_frames_out_total";
+pub const BYTES_IN: &str = "danmaku_bytes_in_total";
+pub const BYTES_OUT: &str = "danmaku_bytes_out_total";
+pub const EVENTS: &str = "danmaku_events_total";
+pub const EVENTS_DROPPED: &str = "danmaku_events_dropped_total";
+pub const BATCHES: &str = "danmaku_batches_total";
+pub const BATCH_EVENTS: &str = "danmaku_batch_events";
+pub const DELIVERIES: &str = "danmaku_deliveries_total";
+pub const OUTBOUND_DROPPED: &str = "danmaku_outbound_dropped_total";
+pub const ERRORS: &str = "danmaku_errors_total";
+
+/// Why a connection ended, as the `code` label of [`CONNECTIONS_CLOSED`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The gateway closed with this code.
+    Code(CloseCode),
+    /// The client closed or vanished.
+    Peer,
+    /// A socket error or a stuck write.
+    Error,
+}
+
+/// Handles for everything counted per frame or per delivery.
+pub struct Hot {
+    pub connections: Gauge,
+    pub connections_opened: Counter,
+    pub room_members: Gauge,
+    pub rooms: Gauge,
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub batches: Counter,
+    pub batch_events: Histogram,
+    pub deliveries: Counter,
+    pub outbound_dropped: Counter,
+    pub events_dropped: Counter,
+    closed: [Counter; 7],
+    errors: [Counter; ErrorCode::ALL.len()],
+}
+
+impl Hot {
+    pub fn closed(&self, reason: CloseReason) -> &Counter {
+        let i = match reason {
+            CloseReason::Code(c) => CloseCode::ALL.iter().position(|x| *x == c).unwrap_or(0),
+            CloseReason::Peer => 5,
+            CloseReason::Error => 6,
+        };
+        &self.closed[i]
+    }
+
+    pub fn error(&self, code: ErrorCode) -> &Counter {
+        &self.errors[ErrorCode::ALL.iter().position(|x| *x == code).unwrap_or(0)]
+    }
+}
+
+/// Counts one broadcast event of `kind` (a low-cardinality event type).
+pub fn event(kind: &'static str) {
+    counter!(EVENTS, "type" => kind).increment(1);
+}
+
+/// Counts a connection refused before the upgrade.
+pub fn refused(reason: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static HOT: OnceLock<Hot> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0])
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding application);
+            // then we render an empty registry rather than fail.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Hot-path handles; call after [`install`] (earlier handles would be no-ops).
+pub fn hot() -> &'static Hot {
+    HOT.get_or_init(|| {
+        let closed_label = |s: &'static str| counter!(CONNECTIONS_CLOSED, "code" => s);
+        Hot {
+            connections: gauge!(CONNECTIONS),
+            connections_opened: counter!(CONNECTIONS_OPENED),
+            room_members: gauge!(ROOM_MEMBERS),
+            rooms: gauge!(ROOMS),
+            frames_in: counter!(FRAMES_IN),
+            frames_out: counter!(FRAMES_OUT),
+            bytes_in: counter!(BYTES_IN),
+            bytes_out: counter!(BYTES_OUT),
+            batches: counter!(BATCHES),
+            batch_events: histogram!(BATCH_EVENTS),
+            deliveries: counter!(DELIVERIES),
+            outbound_dropped: counter!(OUTBOUND_DROPPED),
+            events_dropped: counter!(EVENTS_DROPPED),
+            closed: [
+                closed_label("1001"),
+                closed_label("1008"),
+                closed_label("1009"),
+                closed_label("4000"),
+                closed_label("4010"),
+                closed_label("peer"),
+                closed_label("error"),
+            ],
+            errors: ErrorCode::ALL.map(|c| counter!(ERRORS, "code" => c.as_str())),
+        }
+    })
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections on this node.");
+    describe_counter!(CONNECTIONS_OPENED, "WebSocket connections accepted.");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "WebSocket connections ended, by close code (or peer/error)."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Upgrade requests refused before the upgrade, by reason."
+    );
+    describe_gauge!(ROOMS, "Rooms with state on this node.");
+    describe_gauge!(
+        ROOM_MEMBERS,
+        "Room memberships (connection x room) on this node."
+    );
+    describe_counter!(FRAMES_IN, "WebSocket data frames received from clients.");
+    describe_counter!(FRAMES_OUT, "WebSocket data frames written to clients.");
+    describe_counter!(BYTES_IN, "Payload bytes received from clients.");
+    describe_counter!(BYTES_OUT, "Payload bytes written to clients.");
+    describe_counter!(EVENTS, "Room events accepted for broadcast, by type.");
+    describe_counter!(
+        EVENTS_DROPPED,
+        "Droppable events discarded because a room's window was full."
+    );
+    describe_counter!(BATCHES, "Batches flushed (one per room per window).");
+    describe_histogram!(BATCH_EVENTS, "Events per flushed batch.");
+    describe_counter!(DELIVERIES, "Batch frames queued to members.");
+    describe_counter!(
+        OUTBOUND_DROPPED,
+        "Batch frames dropped for slow consumers (chat/presence only)."
+    );
+    describe_counter!(ERRORS, "Error frames sent to clients, by code.");
+}

@@ -1,0 +1,143 @@
+//! Wiring: builds the shared state, serves HTTP + WebSocket on a listener, and runs the
+//! graceful drain when the shutdown future resolves.
+//!
+//! `run` takes the listener and the shutdown future (as mini-redis does) so tests bind
+//! port 0 and trigger the drain themselves.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admission::Admission;
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::hub::{ConnId, Hub};
+use crate::{http, metrics};
+
+/// Grace after the drain window for the last closes to flush before tasks are stopped.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// What the server could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("serving HTTP: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// State every request handler and session shares.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub hub: Hub,
+    pub auth: Auth,
+    pub admission: Arc<Admission>,
+    /// Cancelled when the drain starts: `/readyz` turns 503, sessions schedule their close.
+    pub drain: CancellationToken,
+    /// Session tasks, so the drain can wait for them.
+    pub sessions: TaskTracker,
+    pub prometheus: PrometheusHandle,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A node id for `hello.node` and event ids when the config leaves it empty.
+fn generate_node_id() -> String {
+    format!("gw-{:06x}", rand::random_range(0..0x100_0000u32))
+}
+
+/// Serves until `shutdown` resolves, then drains: `/readyz` 503 at once, sessions closed
+/// with 1001 spread over `server.drain_s`, then everything stops and this returns.
+///
+/// # Errors
+/// The listener failed.
+pub async fn run(
+    listener: TcpListener,
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let node: Arc<str> = if cfg.server.node_id.is_empty() {
+        generate_node_id().into()
+    } else {
+        cfg.server.node_id.as_str().into()
+    };
+    let prometheus = metrics::install();
+    metrics::hot();
+    let tasks = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let hub = Hub::start(
+        node.clone(),
+        cfg.room.clone(),
+        cfg.shard_count(),
+        &stop,
+        &tasks,
+    );
+    let shared = Arc::new(Shared {
+        auth: Auth::new(&cfg.auth.secret),
+        admission: Admission::new(cfg.limits.max_conns, cfg.limits.max_conns_per_ip),
+        cfg: Arc::new(cfg),
+        hub,
+        drain: CancellationToken::new(),
+        sessions: TaskTracker::new(),
+        prometheus,
+        next_conn: AtomicU64::new(1),
+    });
+    tracing::info!(addr = %listener.local_addr()?, node = %node, shards = shared.hub.shard_count(), "serving");
+
+    let stop_http = CancellationToken::new();
+    let app = http::router(Arc::clone(&shared)).into_make_service_with_connect_info::<SocketAddr>();
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(stop_http.clone().cancelled_owned());
+    let mut server = tokio::spawn(async move { server.await });
+
+    tokio::select! {
+        res = &mut server => {
+            // The listener died on its own: stop everything and report it.
+            stop.cancel();
+            return res.unwrap_or_else(|e| Err(std::io::Error::other(e))).map_err(ServerError::Serve);
+        }
+        _ = shutdown => {}
+    }
+
+    let window = Duration::from_secs(shared.cfg.server.drain_s);
+    tracing::info!(sessions = shared.admission.open(), ?window, "draining");
+    shared.drain.cancel();
+    shared.sessions.close();
+    if tokio::time::timeout(window + DRAIN_GRACE, shared.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = shared.sessions.len(),
+            "drain window over with sessions still open"
+        );
+    }
+    stop_http.cancel();
+    if tokio::time::timeout(DRAIN_GRACE, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP server did not stop in time");
+        server.abort();
+    }
+    stop.cancel();
+    tasks.close();
+    if tokio::time::timeout(DRAIN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("hub tasks did not stop in time");
+    }
+    tracing::info!("drained");
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! One client connection: its reader loop, its writes, heartbeats, and its rooms.
+//!
+//! A session is a single task. It `select!`s over the socket, its outbound queue (room
+//! batches pushed by shards), the heartbeat and idle timers, the drain signal, and a
+//! kill switch a shard pulls when the queue overflows with undroppable events. One task
+//! rather than a reader and a writer keeps an idle connection small (one future, no
+//! split lock); the price is that a reply waits behind a batch write, which is what we
+//! want anyway (a client that does not read should not get its writes serviced).
+//!
+//! Every write races the kill switch and a timeout (2 × heartbeat): a socket that
+//! accepts nothing for that long is dead, whatever TCP thinks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::SinkExt;
+use tokio::time::Instant;
+
+use crate::admission::Ticket;
+use crate::hub::{Conn, JoinError};
+use crate::metrics::{self, CloseReason};
+use crate::protocol::{
+    self, ClientOp, CloseCode, ErrorCode, Format, ProtoError, RoomId, ServerFrame, User,
+};
+use crate::server::Shared;
+
+/// At most this many queued frames are written per flush, so replies are not starved.
+const MAX_FRAMES_PER_FLUSH: usize = 64;
+
+/// What the HTTP layer decided before the upgrade.
+pub struct Params {
+    /// `None` for an anonymous, read-only viewer.
+    pub user: Option<User>,
+    pub format: Format,
+    /// `room=` of the URL: joined right after `hello`.
+    pub room: Option<RoomId>,
+    /// Holds this connection's place under the connection caps.
+    pub ticket: Ticket,
+}
+
+/// Why the serve loop stopped.
+enum End {
+    /// Close the socket with this code.
+    Close(CloseCode),
+    /// The client closed or went away.
+    Peer,
+    /// Socket error or a write stuck past the timeout.
+    Error,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    user: Option<User>,
+    /// Rooms this connection is in; a handful at most (`limits.rooms_per_conn`).
+    rooms: Vec<RoomId>,
+    /// Bad frames in a row; reset by a good one.
+    bad_frames: u32,
+    /// Last inbound frame of any kind (data, ping, pong).
+    last_seen: Instant,
+    heartbeat: Duration,
+}
+
+/// Serves one upgraded connection until it ends; leaves its rooms on the way out.
+pub async fn run(mut ws: WebSocket, shared: Arc<Shared>, params: Params) {
+    let id = shared.next_conn_id();
+    let (conn, outbound) = Conn::new(id, params.format, shared.cfg.limits.outbound_queue);
+    let hot = metrics::hot();
+    hot.connections.increment(1.0);
+    hot.connections_opened.increment(1);
+    let heartbeat = Duration::from_millis(shared.cfg.server.heartbeat_ms);
+    let mut session = Session {
+        shared,
+        conn,
+        user: params.user,
+        rooms: Vec::new(),
+        bad_frames: 0,
+        last_seen: Instant::now(),
+        heartbeat,
+    };
+    let end = match session.serve(&mut ws, &outbound, params.room).await {
+        Ok(()) => End::Peer,
+        Err(end) => end,
+    };
+    let reason = match end {
+        End::Close(code) => {
+            // Best effort: a dead or stuck socket must not hold the task.
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(code.message())).await;
+            CloseReason::Code(code)
+        }
+        End::Peer => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
+            CloseReason::Peer
+        }
+        End::Error => CloseReason::Error,
+    };
+    session.leave_all().await;
+    hot.connections.decrement(1.0);
+    hot.closed(reason).increment(1);
+    drop(params.ticket);
+}
+
+impl Session {
+    async fn serve(
+        &mut self,
+        ws: &mut WebSocket,
+        outbound: &flume::Receiver<Message>,
+        room: Option<RoomId>,
+    ) -> Result<(), End> {
+        let conn_label = format!("{}:{}", self.shared.hub.node(), self.conn.id);
+        let hello = ServerFrame::Hello {
+            conn: &conn_label,
+            node: self.shared.hub.node(),
+            user: self.user.as_ref(),
+            heartbeat_ms: self.heartbeat.as_millis() as u64,
+        }
+        .encode(self.conn.format);
+        drop(conn_label);
+        self.write(ws, hello).await?;
+        if let Some(room) = room {
+            let reply = self.join(room, 0).await;
+            self.reply(ws, reply, None).await?;
+        }
+
+        let drain = self.shared.drain.clone();
+        let mut draining = false;
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let drain_close = tokio::time::sleep_until(far);
+        tokio::pin!(drain_close);
+        let idle = tokio::time::sleep_until(self.last_seen + 2 * self.heartbeat);
+        tokio::pin!(idle);
+        let mut ping = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
+
+        loop {
+            tokio::select! {
+                biased;
+                code = self.conn.killed() => return Err(End::Close(code)),
+                _ = drain.cancelled(), if !draining => {
+                    // Spread the closes over the drain window so reconnects do not
+                    // stampede the remaining nodes.
+                    draining = true;
+                    let window = self.shared.cfg.server.drain_s * 1000;
+                    let delay = rand::random_range(0..window.max(1));
+                    drain_close.as_mut().reset(Instant::now() + Duration::from_millis(delay));
+                }
+                _ = &mut drain_close, if draining => return Err(End::Close(CloseCode::GoingAway)),
+                msg = ws.recv() => {
+                    let Some(msg) = msg else { return Ok(()) };
+                    self.last_seen = Instant::now();
+                    match msg {
+                        Ok(Message::Text(t)) => self.on_frame(ws, t.as_bytes(), false).await?,
+                        Ok(Message::Binary(b)) => self.on_frame(ws, &b, true).await?,
+                        Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                        Ok(Message::Close(_)) => return Ok(()),
+                        Err(e) => return Err(read_error(e)),
+                    }
+                }
+                first = outbound.recv_async() => {
+                    let Ok(first) = first else { return Err(End::Error) };
+                    self.write_queued(ws, first, outbound).await?;
+                }
+                _ = &mut idle => {
+                    let deadline = self.last_seen + 2 * self.heartbeat;
+                    if deadline <= Instant::now() {
+                        return Err(End::Close(CloseCode::Idle));
+                    }
+                    idle.as_mut().reset(deadline);
+                }
+                _ = ping.tick() => self.write(ws, Message::Ping(bytes::Bytes::new())).await?,
+            }
+        }
+    }
+
+    /// Decodes and answers one data frame.
+    async fn on_frame(&mut self, ws: &mut WebSocket, data: &[u8], binary: bool) -> Result<(), End> {
+        let hot = metrics::hot();
+        hot.frames_in.increment(1);
+        hot.bytes_in.increment(data.len() as u64);
+        let frame = match protocol::decode(data, binary, self.shared.cfg.limits.max_text_chars) {
+            Ok(f) => f,
+            Err((reference, err)) => {
+                self.bad_frames += 1;
+                self.send_error(ws, reference, &err).await?;
+                if self.bad_frames >= self.shared.cfg.limits.max_bad_frames {
+                    return Err(End::Close(CloseCode::Policy));
+                }
+                return Ok(());
+            }
+        };
+        self.bad_frames = 0;
+        let reference = frame.reference;
+        let reply = match frame.op {
+            ClientOp::Join { room, history } => self.join(room, history).await,
+            ClientOp::Leave { room } => self.leave(room).await,
+            ClientOp::Chat { room, text } => self.chat(room, text),
+            ClientOp::Ping => Ok(Reply::Pong),
+        };
+        self.reply(ws, reply, reference).await
+    }
+
+    async fn join(&mut self, room: RoomId, history: usize) -> Result<Reply, ProtoError> {
+        let hub = &self.shared.hub;
+        if self.rooms.contains(&room) {
+            // Joining again answers `joined` and changes nothing.
+            return Ok(Reply::Joined {
+                online: hub.online(&room),
+                history: hub.history(&room, history),
+                room,
+            });
+        }
+        if self.rooms.len() >= self.shared.cfg.limits.rooms_per_conn {
+            return Err(ProtoError::new(
+                ErrorCode::TooManyRooms,
+                format!(
+                    "at most {} rooms per connection",
+                    self.shared.cfg.limits.rooms_per_conn
+                ),
+            ));
+        }
+        match hub.join(&room, &self.conn, history).await {
+            Ok(joined) => {
+                self.rooms.push(room.clone());
+                Ok(Reply::Joined {
+                    room,
+                    online: joined.online,
+                    history: joined.history,
+                })
+            }
+            Err(JoinError::RoomFull) => Err(ProtoError::new(ErrorCode::RoomFull, "room is full")),
+            Err(JoinError::ShuttingDown) => Err(ProtoError::new(
+                ErrorCode::Internal,
+                "node is shutting down",
+            )),
+        }
+    }
+
+    async fn leave(&mut self, room: RoomId) -> Result<Reply, ProtoError> {
+        let Some(i) = self.rooms.iter().position(|r| *r == room) else {
+            return Err(not_joined(&room));
+        };
+        self.rooms.swap_remove(i);
+        self.shared.hub.leave(&room, self.conn.id).await;
+        Ok(Reply::Ack)
+    }
+
+    fn chat(&mut self, room: RoomId, text: String) -> Result<Reply, ProtoError> {
+        let Some(user) = &self.user else {
+            return Err(ProtoError::new(
+                ErrorCode::Unauthorized,
+                "anonymous viewers cannot send",
+            ));
+        };
+        if !self.rooms.contains(&room) {
+            return Err(not_joined(&room));
+        }
+        self.shared.hub.publish(
+            &room,
+            protocol::EventBody::Chat {
+                user: user.clone(),
+                text,
+            },
+        );
+        Ok(Reply::Ack)
+    }
+
+    async fn leave_all(&mut self) {
+        for room in std::mem::take(&mut self.rooms) {
+            self.shared.hub.leave(&room, self.conn.id).await;
+        }
+    }
+
+    async fn reply(
+        &mut self,
+        ws: &mut WebSocket,
+        reply: Result<Reply, ProtoError>,
+        reference: Option<i64>,
+    ) -> Result<(), End> {
+        let msg = match reply {
+            Ok(Reply::Joined {
+                room,
+                online,
+                history,
+            }) => ServerFrame::Joined {
+                room: &room,
+                online,
+                history: &history,
+                redpackets: &[],
+                reference,
+            }
+            .encode(self.conn.format),
+            Ok(Reply::Ack) => ServerFrame::Ack {
+                reference,
+                amount: None,
+            }
+            .encode(self.conn.format),
+            Ok(Reply::Pong) => ServerFrame::Pong { reference }.encode(self.conn.format),
+            Err(err) => return self.send_error(ws, reference, &err).await,
+        };
+        self.write(ws, msg).await
+    }
+
+    async fn send_error(
+        &mut self,
+        ws: &mut WebSocket,
+        reference: Option<i64>,
+        err: &ProtoError,
+    ) -> Result<(), End> {
+        metrics::hot().error(err.code).increment(1);
+        let msg = ServerFrame::error(reference, err).encode(self.conn.format);
+        self.write(ws, msg).await
+    }
+
+    /// Writes one frame, racing the kill switch and the write timeout.
+    async fn write(&self, ws: &mut WebSocket, msg: Message) -> Result<(), End> {
+        let len = payload_len(&msg);
+        self.guarded(ws.send(msg)).await?;
+        let hot = metrics::hot();
+        hot.frames_out.increment(1);
+        hot.bytes_out.increment(len);
+        Ok(())
+    }
+
+    /// Writes `first` and whatever else is queued (up to a cap) with one flush.
+    async fn write_queued(
+        &self,
+        ws: &mut WebSocket,
+        first: Message,
+        outbound: &flume::Receiver<Message>,
+    ) -> Result<(), End> {
+        let mut frames = 1u64;
+        let mut bytes = payload_len(&first);
+        self.guarded(async {
+            ws.feed(first).await?;
+            while (frames as usize) < MAX_FRAMES_PER_FLUSH {
+                let Ok(next) = outbound.try_recv() else { break };
+                bytes += payload_len(&next);
+                frames += 1;
+                ws.feed(next).await?;
+            }
+            ws.flush().await
+        })
+        .await?;
+        let hot = metrics::hot();
+        hot.frames_out.increment(frames);
+        hot.bytes_out.increment(bytes);
+        Ok(())
+    }
+
+    async fn guarded<F>(&self, write: F) -> Result<(), End>
+    where
+        F: Future<Output = Result<(), axum::Error>>,
+    {
+        tokio::select! {
+            res = tokio::time::timeout(2 * self.heartbeat, write) => match res {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) | Err(_) => Err(End::Error),
+            },
+            code = self.conn.killed() => Err(End::Close(code)),
+        }
+    }
+}
+
+/// A successful op's answer, before encoding.
+enum Reply {
+    Joined {
+        room: RoomId,
+        online: u64,
+        history: Vec<Arc<protocol::Event>>,
+    },
+    Ack,
+    Pong,
+}
+
+fn not_joined(room: &RoomId) -> ProtoError {
+    ProtoError::new(ErrorCode::NotJoined, format!("not in room {room}"))
+}
+
+fn payload_len(msg: &Message) -> u64 {
+    match msg {
+        Message::Text(t) => t.len() as u64,
+        Message::Binary(b) => b.len() as u64,
+        _ => 0,
+    }
+}
+
+/// A read error: an over-long message means close 1009; anything else ends the socket.
+fn read_error(e: axum::Error) -> End {
+    match e.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => End::Close(CloseCode::TooBig),
+        Ok(e)
+            if matches!(
+                *e,
+                tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed
+            ) =>
+        {
+            End::Peer
+        }
+        _ => End::Error,
+    }
+}
