@@ -1,0 +1,315 @@
+//! The scenarios (`fanout`, `idle`, `storm`) and what they share: the connection options
+//! common to all of them ([`ConnArgs`]), the bounded-concurrency connect phase with its
+//! bookkeeping ([`ConnectTracker`]), and the bounded wait for connection tasks to end.
+//!
+//! Every scenario is a fixed timeline (connect, maybe warm up / send / hold, drain,
+//! close) whose every step has a deadline, so a run always ends by itself.
+
+pub mod crowd;
+pub mod fanout;
+pub mod idle;
+pub mod storm;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::client::{Conn, Joined, Target};
+use crate::proto::Format;
+use crate::report::{LatencySummary, Table, Tally, lock, new_hist, round3};
+
+/// Connection options shared by every scenario.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// Gateway WebSocket endpoint (no query: token, room and format are added).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub url: String,
+    /// Connection attempts in flight at once (each holds its slot until `joined`).
+    #[arg(long, default_value_t = 500)]
+    pub concurrency: usize,
+    /// Wire format.
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
+    /// Source addresses to bind, round-robin per connection (one address reaches ~28k
+    /// ports): e.g. 127.0.0.1,127.0.0.2. Default: the kernel's choice.
+    #[arg(long, value_delimiter = ',')]
+    pub sources: Vec<IpAddr>,
+    /// HS256 secret of the gateway's `auth.secret`, for minting user tokens.
+    #[arg(long, default_value = "dev-secret-change-me")]
+    pub secret: String,
+    /// Per-connection bound on TCP connect + upgrade + `joined`, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub connect_timeout: f64,
+    /// Bound on the whole connect phase, seconds; the run goes on with what joined.
+    #[arg(long, default_value_t = 180.0)]
+    pub join_timeout: f64,
+}
+
+impl ConnArgs {
+    /// Resolves the target these options describe.
+    ///
+    /// # Errors
+    /// A bad URL or unresolvable host (see [`Target::resolve`]).
+    pub async fn target(&self) -> anyhow::Result<Target> {
+        Target::resolve(
+            &self.url,
+            self.sources.clone(),
+            self.format,
+            secs(self.connect_timeout),
+        )
+        .await
+    }
+
+    /// Warns when `conns` sockets will not fit the open-file limit or source ports.
+    pub fn check_capacity(&self, conns: usize, nofile: u64) {
+        if conns as u64 + 64 > nofile {
+            eprintln!(
+                "warning: {conns} connections need more than the open-file limit {nofile} allows"
+            );
+        }
+        let sources = self.sources.len().max(1);
+        if conns / sources > 28_000 {
+            eprintln!(
+                "warning: {conns} connections over {sources} source address(es) exceed ~28k \
+                 ephemeral ports each: add --sources 127.0.0.1,127.0.0.2,..."
+            );
+        }
+    }
+}
+
+/// Seconds (from the command line) as a `Duration`; negative or NaN is zero.
+pub fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::ZERO)
+}
+
+/// A short id for this run, used in room members' names and chat stamps so that
+/// leftovers of an earlier run are never mistaken for this one's.
+pub fn run_id() -> String {
+    let micros = crate::report::unix_micros();
+    format!("{:x}", (micros ^ (u64::from(std::process::id()) << 40)) & 0xff_ffff_ffff)
+}
+
+/// Bookkeeping of a connect phase: bounded concurrency, successes, failures by reason,
+/// connect latency (attempt start to `joined`), and when the phase settled.
+pub struct ConnectTracker {
+    total: u64,
+    start: Instant,
+    sem: Semaphore,
+    joined: AtomicU64,
+    failed: AtomicU64,
+    /// Microseconds after `start` at which the last successful `joined` arrived.
+    last_joined_us: AtomicU64,
+    failures: Tally,
+    latency: Mutex<Histogram<u64>>,
+    settled: Notify,
+}
+
+impl ConnectTracker {
+    /// A tracker for `total` connections opened at most `concurrency` at a time.
+    pub fn new(total: usize, concurrency: usize) -> Self {
+        Self {
+            total: total as u64,
+            start: Instant::now(),
+            sem: Semaphore::new(concurrency.max(1)),
+            joined: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            last_joined_us: AtomicU64::new(0),
+            failures: Tally::default(),
+            latency: Mutex::new(new_hist()),
+            settled: Notify::new(),
+        }
+    }
+
+    /// Opens connection `index` into `room` once a concurrency slot is free; records
+    /// the outcome. `None` on failure (already counted with its reason).
+    pub async fn open(
+        &self,
+        target: &Target,
+        index: usize,
+        room: &str,
+        token: Option<&str>,
+    ) -> Option<(Conn, Joined)> {
+        let result = {
+            // The semaphore is never closed.
+            let _permit = self.sem.acquire().await.ok()?;
+            let t0 = Instant::now();
+            target
+                .open(index, room, token)
+                .await
+                .map(|ok| (ok, t0.elapsed()))
+        };
+        let outcome = match result {
+            Ok((ok, took)) => {
+                lock(&self.latency).saturating_record(took.as_micros() as u64);
+                self.last_joined_us
+                    .fetch_max(self.start.elapsed().as_micros() as u64, Relaxed);
+                self.joined.fetch_add(1, Relaxed);
+                Some(ok)
+            }
+            Err(failure) => {
+                self.failures.add(failure.to_string());
+                self.failed.fetch_add(1, Relaxed);
+                None
+            }
+        };
+        if self.joined.load(Relaxed) + self.failed.load(Relaxed) == self.total {
+            // notify_one keeps a permit if nobody waits yet.
+            self.settled.notify_one();
+        }
+        outcome
+    }
+
+    /// Waits until every connection joined or failed, at most `limit`; true if so.
+    pub async fn wait_settled(&self, limit: Duration) -> bool {
+        if self.total == 0 || self.is_settled() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::timeout(limit, self.settled.notified()) => {}
+            () = interrupted() => {}
+        }
+        self.is_settled()
+    }
+
+    fn is_settled(&self) -> bool {
+        self.joined.load(Relaxed) + self.failed.load(Relaxed) >= self.total
+    }
+
+    pub fn joined(&self) -> u64 {
+        self.joined.load(Relaxed)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Relaxed)
+    }
+
+    /// `joined J/N failed F` for progress lines.
+    pub fn progress(&self) -> String {
+        format!(
+            "joined {}/{} failed {}",
+            self.joined(),
+            self.total,
+            self.failed()
+        )
+    }
+
+    /// The connect phase as reported, `phase_took` being how long the phase lasted.
+    pub fn summary(&self, phase_took: Duration) -> ConnectSummary {
+        let ok = self.joined();
+        let failed = self.failed();
+        let all_joined = ok == self.total;
+        let last = Duration::from_micros(self.last_joined_us.load(Relaxed));
+        ConnectSummary {
+            attempted: self.total,
+            ok,
+            failed,
+            not_finished: self.total.saturating_sub(ok + failed),
+            all_joined,
+            time_to_all_joined_s: all_joined.then(|| round3(last.as_secs_f64())),
+            connect_phase_s: round3(phase_took.as_secs_f64()),
+            joins_per_s: round3(crate::progress::per_sec(ok, last)),
+            failures: self.failures.snapshot(),
+            connect_latency: LatencySummary::of(&lock(&self.latency)),
+        }
+    }
+}
+
+/// The outcome of a connect phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectSummary {
+    pub attempted: u64,
+    pub ok: u64,
+    pub failed: u64,
+    /// Still connecting when the phase's deadline passed.
+    pub not_finished: u64,
+    pub all_joined: bool,
+    /// From the first attempt to the last `joined`, when all joined.
+    pub time_to_all_joined_s: Option<f64>,
+    /// How long the connect phase lasted (to all settled, or to its deadline).
+    pub connect_phase_s: f64,
+    /// Successful joins per second over the phase.
+    pub joins_per_s: f64,
+    /// Failures by reason.
+    pub failures: BTreeMap<String, u64>,
+    /// Attempt start (slot acquired) to `joined`.
+    pub connect_latency: LatencySummary,
+}
+
+impl ConnectSummary {
+    /// Appends the connection rows to a human table.
+    pub fn rows(&self, t: &mut Table) {
+        t.row("attempted", self.attempted)
+            .row("ok", self.ok)
+            .row("failed", self.failed);
+        if self.not_finished > 0 {
+            t.row("not finished", self.not_finished);
+        }
+        t.row(
+            "time to all joined",
+            self.time_to_all_joined_s
+                .map_or_else(|| "never (not all joined)".into(), |s| format!("{s} s")),
+        )
+        .row("connect phase", format!("{} s", self.connect_phase_s))
+        .row("joins/s", self.joins_per_s)
+        .row("connect latency", self.connect_latency.line())
+        .tally("failures", &self.failures);
+    }
+}
+
+/// Waits for all `tasks` to end, at most `limit`, then aborts the rest; returns how many
+/// had to be aborted.
+pub async fn join_all(tasks: &mut JoinSet<()>, limit: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !tasks.is_empty() {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                let left = tasks.len();
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                return left;
+            }
+        }
+    }
+    0
+}
+
+/// Set once Ctrl-C was pressed: the scenario cuts its timeline short and still reports.
+static INTERRUPTED: LazyLock<watch::Sender<bool>> = LazyLock::new(|| watch::channel(false).0);
+
+/// Installs the Ctrl-C handling: the first press ends the run early (with a report), a
+/// second one exits at once.
+pub fn watch_ctrl_c() {
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: finishing the run early (Ctrl-C again to abort)");
+            INTERRUPTED.send_replace(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+/// Completes once Ctrl-C was pressed (at once if it already was).
+pub async fn interrupted() {
+    let mut rx = INTERRUPTED.subscribe();
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// Sleeps `d`, or less if Ctrl-C comes; true if interrupted.
+pub async fn sleep_or_interrupt(d: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        () = interrupted() => true,
+    }
+}
