@@ -29,7 +29,7 @@ pub enum ConfigError {
 }
 
 /// The whole gateway configuration, one section per `[table]` in `config.toml`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -37,6 +37,138 @@ pub struct Config {
     pub api: ApiConfig,
     pub limits: LimitsConfig,
     pub room: RoomConfig,
+    pub ratelimit: RateLimitConfig,
+    pub redpacket: RedPacketConfig,
+    pub data: DataConfig,
+    /// The gift catalog: what clients may send (free) and what only the backend may (paid).
+    pub gifts: Vec<GiftConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: Default::default(),
+            auth: Default::default(),
+            api: Default::default(),
+            limits: Default::default(),
+            room: Default::default(),
+            ratelimit: Default::default(),
+            redpacket: Default::default(),
+            data: Default::default(),
+            gifts: vec![
+                GiftConfig::new("rose", "Rose", true),
+                GiftConfig::new("heart", "Heart", true),
+                GiftConfig::new("rocket", "Rocket", false),
+                GiftConfig::new("yacht", "Yacht", false),
+            ],
+        }
+    }
+}
+
+/// A rate and a burst: `rate` units per second refill, at most `burst` at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub rate: f64,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Chat per user.
+    pub chat: Rate,
+    /// Free gifts per user (paid gifts come from the backend, which bills first).
+    pub gift: Rate,
+    /// Red-packet grabs per user.
+    pub grab: Rate,
+    /// Joins per user (anonymous: per connection).
+    pub join: Rate,
+    /// Extra budget per IP for anonymous viewers; absent = off (carrier NAT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anon_per_ip: Option<Rate>,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            chat: Rate {
+                rate: 1.0,
+                burst: 5,
+            },
+            gift: Rate {
+                rate: 10.0,
+                burst: 20,
+            },
+            grab: Rate {
+                rate: 5.0,
+                burst: 5,
+            },
+            join: Rate {
+                rate: 5.0,
+                burst: 10,
+            },
+            anon_per_ip: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedPacketConfig {
+    /// Grabs of one packet in flight at once; beyond → `busy` (try again).
+    pub max_concurrent_grabs: usize,
+    /// Lifetime when the creator gives no `expires_in_s`.
+    pub default_expires_in_s: u64,
+    /// Longest `expires_in_s` accepted.
+    pub max_expires_in_s: u64,
+    /// A finished packet stays queryable this long, then is forgotten.
+    pub retain_s: u64,
+}
+
+impl Default for RedPacketConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_grabs: 2000,
+            default_expires_in_s: 300,
+            max_expires_in_s: 86_400,
+            retain_s: 86_400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Directory of the red-packet journal and settlement log (created if missing).
+    pub dir: PathBuf,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GiftConfig {
+    pub id: String,
+    pub name: String,
+    /// Free gifts are sent by clients (rate limited); paid ones only via the HTTP API.
+    pub free: bool,
+}
+
+impl GiftConfig {
+    fn new(id: &str, name: &str, free: bool) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            free,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +283,9 @@ pub struct RoomConfig {
     pub max_pending: usize,
     /// An empty room's state (history) is forgotten after this many seconds.
     pub idle_ttl_s: u64,
+    /// Chat broadcast per room per second; above it chat is acked but sampled out of
+    /// the broadcast (counted). 0 = off.
+    pub max_chat_per_s: u64,
 }
 
 impl Default for RoomConfig {
@@ -162,6 +297,7 @@ impl Default for RoomConfig {
             max_members: 0,
             max_pending: 10_000,
             idle_ttl_s: 300,
+            max_chat_per_s: 0,
         }
     }
 }

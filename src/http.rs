@@ -24,6 +24,7 @@ use serde_json::json;
 use crate::admission::Refused;
 use crate::metrics;
 use crate::protocol::{EventBody, Format, RoomId, User};
+use crate::redpacket::{CreateError, CreateRequest};
 use crate::server::Shared;
 use crate::session;
 
@@ -77,6 +78,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/api/v1/rooms/{room}/events", post(post_event))
         .route("/api/v1/rooms/{room}", get(get_room))
+        .route("/api/v1/rooms/{room}/redpackets", post(post_redpacket))
+        .route("/api/v1/redpackets/{packet}", get(get_redpacket))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
             require_api_token,
@@ -171,6 +174,7 @@ async fn ws_upgrade(
         format,
         room,
         ticket,
+        ip: peer.ip(),
     };
     let sessions = shared.sessions.clone();
     Ok(upgrade.on_upgrade(move |ws| sessions.track_future(session::run(ws, shared, params))))
@@ -257,6 +261,12 @@ enum ApiEvent {
         user: User,
         text: String,
     },
+    Gift {
+        user: User,
+        gift: String,
+        #[serde(default)]
+        count: Option<u32>,
+    },
 }
 
 async fn post_event(
@@ -280,6 +290,25 @@ async fn post_event(
             }
             EventBody::Chat { user, text }
         }
+        ApiEvent::Gift { user, gift, count } => {
+            if !shared.gifts.contains_key(&gift) {
+                return Err(HttpError::bad_request(format!(
+                    "gift: unknown gift {gift:?}"
+                )));
+            }
+            let count = count.unwrap_or(1);
+            if !(1..=crate::protocol::MAX_GIFT_COUNT).contains(&count) {
+                return Err(HttpError::bad_request("count: must be 1..=9999"));
+            }
+            if user.id.is_empty() {
+                return Err(HttpError::bad_request("user.id: must not be empty"));
+            }
+            EventBody::Gift {
+                user,
+                gift,
+                count: u64::from(count),
+            }
+        }
     };
     let id = shared.hub.publish(&room, body);
     Ok((StatusCode::ACCEPTED, axum::Json(json!({"id": id}))).into_response())
@@ -292,4 +321,43 @@ async fn get_room(
     let room = room_param(&room)?;
     let online = shared.hub.online(&room);
     Ok(axum::Json(json!({"room": room, "online": online})).into_response())
+}
+
+async fn post_redpacket(
+    State(shared): State<Arc<Shared>>,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let room = room_param(&room)?;
+    let req = parse_body::<CreateRequest>(&body)?;
+    match shared.redpackets.create(&room, req).await {
+        Ok(packet) => {
+            Ok((StatusCode::CREATED, axum::Json(json!({"packet": packet}))).into_response())
+        }
+        Err(CreateError::Invalid(m)) => Err(HttpError::bad_request(m)),
+        Err(CreateError::Store(e)) => Err(HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )),
+    }
+}
+
+async fn get_redpacket(
+    State(shared): State<Arc<Shared>>,
+    Path(packet): Path<String>,
+) -> Result<Response, HttpError> {
+    match shared.redpackets.status(&packet).await {
+        Ok(Some(status)) => Ok(axum::Json(status).into_response()),
+        Ok(None) => Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            "packet_not_found",
+            "no such packet",
+        )),
+        Err(e) => Err(HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )),
+    }
 }

@@ -185,6 +185,13 @@ struct RoomState {
     presence_sent: u64,
     /// Last join, leave or event: an empty room is forgotten `idle_ttl_s` after this.
     last_active: Instant,
+    /// (user id, gift id) → index in `pending` of this window's gift event, so the same
+    /// user's same gift is merged (counts summed) instead of repeated.
+    gifts: HashMap<(String, String), usize>,
+    /// Start of the current one-second window of the room's chat budget.
+    chat_window: Instant,
+    /// Chat broadcast in the current window (against `room.max_chat_per_s`).
+    chat_in_window: u64,
 }
 
 /// What a successful join returns for the `joined` reply.
@@ -288,6 +295,9 @@ impl Hub {
                     dirty: false,
                     presence_sent: 0,
                     last_active: Instant::now(),
+                    gifts: HashMap::new(),
+                    chat_window: Instant::now(),
+                    chat_in_window: 0,
                 }),
             })
         })
@@ -391,30 +401,64 @@ impl Hub {
     }
 
     /// Accepts an event for `room`: it goes out with the room's next batch. Returns the
-    /// event's id. A droppable event arriving when the window already holds
-    /// `room.max_pending` events is discarded (and counted): a flood must not grow memory.
+    /// event's id (for a merged gift, the id of the event it was merged into).
+    ///
+    /// Bounded by design: a droppable event arriving when the window already holds
+    /// `room.max_pending` events is discarded, chat above `room.max_chat_per_s` is
+    /// sampled out, and a user's repeated gift inside one window is merged — all counted.
     pub fn publish(&self, room: &RoomId, body: EventBody) -> String {
-        let kind = body.kind();
-        let droppable = body.droppable();
+        let r = Arc::clone(&self.room_or_create(room));
+        let mut st = r.state.lock().expect("room lock");
+        st.last_active = Instant::now();
+        match &body {
+            EventBody::Gift { user, gift, count } => {
+                let key = (user.id.clone(), gift.clone());
+                if let Some(&i) = st.gifts.get(&key) {
+                    let merged = &mut st.pending[i];
+                    if let EventBody::Gift { count: total, .. } = &mut merged.body {
+                        *total += count;
+                    }
+                    let id = merged.id.clone();
+                    drop(st);
+                    counter_inc(metrics::GIFTS_MERGED);
+                    return id;
+                }
+                let index = st.pending.len();
+                st.gifts.insert(key, index);
+            }
+            EventBody::Chat { .. } if self.0.cfg.max_chat_per_s > 0 => {
+                if st.chat_window.elapsed() >= Duration::from_secs(1) {
+                    st.chat_window = Instant::now();
+                    st.chat_in_window = 0;
+                }
+                if st.chat_in_window >= self.0.cfg.max_chat_per_s {
+                    drop(st);
+                    counter_inc(metrics::CHAT_SAMPLED_OUT);
+                    return self.next_id();
+                }
+                st.chat_in_window += 1;
+            }
+            _ => {}
+        }
         let event = Event {
             id: self.next_id(),
             ts: now_ms(),
             body,
         };
         let id = event.id.clone();
-        let r = Arc::clone(&self.room_or_create(room));
-        let mut st = r.state.lock().expect("room lock");
-        if droppable && st.pending.len() >= self.0.cfg.max_pending {
+        let kind = event.body.kind();
+        if event.body.droppable() && st.pending.len() >= self.0.cfg.max_pending {
             drop(st);
             metrics::hot().events_dropped.increment(1);
             return id;
         }
         st.pending.push(event);
-        st.last_active = Instant::now();
         if !st.dirty {
             st.dirty = true;
             drop(st);
             self.0.dirty[r.owner].lock().expect("dirty lock").push(r);
+        } else {
+            drop(st);
         }
         metrics::event(kind);
         id
@@ -443,6 +487,7 @@ impl Hub {
             let events: Vec<Arc<Event>> = {
                 let mut st = room.state.lock().expect("room lock");
                 st.dirty = false;
+                st.gifts.clear();
                 let events: Vec<Arc<Event>> = st.pending.drain(..).map(Arc::new).collect();
                 let cap = self.0.cfg.history_len;
                 for e in events.iter().filter(|e| e.body.in_history()) {
@@ -501,6 +546,10 @@ impl Hub {
             metrics::hot().rooms.decrement(removed as f64);
         }
     }
+}
+
+fn counter_inc(name: &'static str) {
+    ::metrics::counter!(name).increment(1);
 }
 
 /// One shard: the local members of its connections, per room.

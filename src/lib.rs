@@ -18,7 +18,9 @@
 //! | [`auth`] | HS256 JWT verification of client tokens |
 //! | [`admission`] | per-node and per-IP connection caps, checked before the upgrade |
 //! | [`session`] | one connection: reads, writes, heartbeats, its rooms |
-//! | [`hub`] | rooms, flushers (batching) and shards (fan-out) |
+//! | [`hub`] | rooms, flushers (batching, gift merging, chat budget) and shards (fan-out) |
+//! | [`ratelimit`] | per-user GCRA budgets for chat, free gifts, grabs, joins |
+//! | [`redpacket`] | red packets: split, exactly-once grabs, journal, expiry, events |
 //! | [`http`] | `/ws`, `/healthz`, `/readyz`, `/metrics`, `/api/v1/...` |
 //! | [`metrics`] | every metric's name and description, hot-path handles |
 //! | [`server`] | wiring, serving, graceful drain |
@@ -32,6 +34,8 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
+pub mod ratelimit;
+pub mod redpacket;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -12,7 +12,7 @@ use metrics::{
     Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram,
     gauge, histogram,
 };
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::protocol::{CloseCode, ErrorCode};
 
@@ -33,6 +33,13 @@ pub const BATCH_EVENTS: &str = "danmaku_batch_events";
 pub const DELIVERIES: &str = "danmaku_deliveries_total";
 pub const OUTBOUND_DROPPED: &str = "danmaku_outbound_dropped_total";
 pub const ERRORS: &str = "danmaku_errors_total";
+pub const RATE_LIMITED: &str = "danmaku_rate_limited_total";
+pub const CHAT_SAMPLED_OUT: &str = "danmaku_chat_sampled_out_total";
+pub const GIFTS_MERGED: &str = "danmaku_gifts_merged_total";
+pub const REDPACKETS_CREATED: &str = "danmaku_redpackets_created_total";
+pub const REDPACKET_GRABS: &str = "danmaku_redpacket_grabs_total";
+pub const REDPACKET_GRAB_SECONDS: &str = "danmaku_redpacket_grab_seconds";
+pub const JOURNAL_SYNCS: &str = "danmaku_journal_syncs_total";
 
 /// Why a connection ended, as the `code` label of [`CONNECTIONS_CLOSED`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +91,16 @@ pub fn event(kind: &'static str) {
     counter!(EVENTS, "type" => kind).increment(1);
 }
 
+/// Counts an action refused by a rate limit.
+pub fn rate_limited(action: &'static str) {
+    counter!(RATE_LIMITED, "action" => action).increment(1);
+}
+
+/// Counts a red-packet grab by outcome (`ok` or an error code).
+pub fn grab(outcome: &'static str) {
+    counter!(REDPACKET_GRABS, "outcome" => outcome).increment(1);
+}
+
 /// Counts a connection refused before the upgrade.
 pub fn refused(reason: &'static str) {
     counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
@@ -97,7 +114,18 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
-                .set_buckets(&[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0])
+                .set_buckets_for_metric(
+                    Matcher::Full(BATCH_EVENTS.into()),
+                    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Suffix("_seconds".into()),
+                        &[
+                            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        ],
+                    )
+                })
                 .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();
@@ -175,4 +203,20 @@ fn describe() {
         "Batch frames dropped for slow consumers (chat/presence only)."
     );
     describe_counter!(ERRORS, "Error frames sent to clients, by code.");
+    describe_counter!(RATE_LIMITED, "Actions refused by a rate limit, by action.");
+    describe_counter!(
+        CHAT_SAMPLED_OUT,
+        "Chat acked but left out of the broadcast by room.max_chat_per_s."
+    );
+    describe_counter!(
+        GIFTS_MERGED,
+        "Gift events merged into an earlier one of the same window."
+    );
+    describe_counter!(REDPACKETS_CREATED, "Red packets created.");
+    describe_counter!(REDPACKET_GRABS, "Red-packet grab attempts, by outcome.");
+    describe_histogram!(
+        REDPACKET_GRAB_SECONDS,
+        "Time from grab received to durable record."
+    );
+    describe_counter!(JOURNAL_SYNCS, "Journal group commits (one fsync each).");
 }

@@ -255,11 +255,33 @@ pub struct ClientFrame {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientOp {
-    Join { room: RoomId, history: usize },
-    Leave { room: RoomId },
-    Chat { room: RoomId, text: String },
+    Join {
+        room: RoomId,
+        history: usize,
+    },
+    Leave {
+        room: RoomId,
+    },
+    Chat {
+        room: RoomId,
+        text: String,
+    },
+    Gift {
+        room: RoomId,
+        gift: String,
+        count: u32,
+    },
+    Grab {
+        room: RoomId,
+        packet: String,
+    },
     Ping,
 }
+
+/// Largest `count` of one `gift` op.
+pub const MAX_GIFT_COUNT: u32 = 9999;
+/// Longest gift or packet id.
+pub const MAX_ID_LEN: usize = 64;
 
 /// Raw shape as serde sees it; [`decode`] turns it into a [`ClientFrame`] or an error.
 #[derive(Deserialize)]
@@ -280,6 +302,20 @@ enum RawOp {
     Chat {
         room: String,
         text: String,
+        #[serde(rename = "ref", default)]
+        reference: Option<i64>,
+    },
+    Gift {
+        room: String,
+        gift: String,
+        #[serde(default)]
+        count: Option<u32>,
+        #[serde(rename = "ref", default)]
+        reference: Option<i64>,
+    },
+    Grab {
+        room: String,
+        packet: String,
         #[serde(rename = "ref", default)]
         reference: Option<i64>,
     },
@@ -358,9 +394,45 @@ pub fn decode(
             check_text(&text, max_text_chars).map_err(|e| (reference, e))?;
             (reference, ClientOp::Chat { room, text })
         }
+        RawOp::Gift {
+            room,
+            gift,
+            count,
+            reference,
+        } => {
+            let room = RoomId::parse(&room).map_err(|e| (reference, e))?;
+            let count = count.unwrap_or(1);
+            if !(1..=MAX_GIFT_COUNT).contains(&count) {
+                return Err((
+                    reference,
+                    ProtoError::bad_request("count: must be 1..=9999"),
+                ));
+            }
+            check_id("gift", &gift).map_err(|e| (reference, e))?;
+            (reference, ClientOp::Gift { room, gift, count })
+        }
+        RawOp::Grab {
+            room,
+            packet,
+            reference,
+        } => {
+            let room = RoomId::parse(&room).map_err(|e| (reference, e))?;
+            check_id("packet", &packet).map_err(|e| (reference, e))?;
+            (reference, ClientOp::Grab { room, packet })
+        }
         RawOp::Ping { reference } => (reference, ClientOp::Ping),
     };
     Ok(ClientFrame { reference, op })
+}
+
+/// Gift and packet ids: 1–64 characters.
+fn check_id(field: &str, id: &str) -> Result<(), ProtoError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(ProtoError::bad_request(format!(
+            "{field}: must be 1-64 characters"
+        )));
+    }
+    Ok(())
 }
 
 /// Chat text: non-blank and at most `max` characters (not bytes).
@@ -399,6 +471,29 @@ pub enum EventBody {
         user: User,
         text: String,
     },
+    Gift {
+        user: User,
+        gift: String,
+        count: u64,
+    },
+    Redpacket {
+        packet: String,
+        user: User,
+        total: u64,
+        shares: u32,
+        expires_at: u64,
+    },
+    Grab {
+        packet: String,
+        user: User,
+        amount: u64,
+    },
+    RedpacketDone {
+        packet: String,
+        grabbed: u32,
+        total_grabbed: u64,
+        expired: bool,
+    },
     Presence {
         online: u64,
     },
@@ -424,10 +519,26 @@ impl EventBody {
     pub fn kind(&self) -> &'static str {
         match self {
             EventBody::Chat { .. } => "chat",
+            EventBody::Gift { .. } => "gift",
+            EventBody::Redpacket { .. } => "redpacket",
+            EventBody::Grab { .. } => "grab",
+            EventBody::RedpacketDone { .. } => "redpacket_done",
             EventBody::Presence { .. } => "presence",
             EventBody::System { .. } => "system",
         }
     }
+}
+
+/// An open red packet as `joined.redpackets` lists it: the `redpacket` event's fields
+/// plus the shares still available.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OpenPacket {
+    pub packet: String,
+    pub user: User,
+    pub total: u64,
+    pub shares: u32,
+    pub expires_at: u64,
+    pub remaining: u32,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -448,7 +559,7 @@ pub enum ServerFrame<'a> {
         room: &'a RoomId,
         online: u64,
         history: &'a [Arc<Event>],
-        redpackets: &'a [serde_json::Value],
+        redpackets: &'a [OpenPacket],
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<i64>,
     },

@@ -18,8 +18,14 @@ use tokio_util::task::TaskTracker;
 use crate::admission::Admission;
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::config::GiftConfig;
 use crate::hub::{ConnId, Hub};
+use crate::ratelimit::RateLimits;
+use crate::redpacket::journal::JournalError;
+use crate::redpacket::local::LocalStore;
+use crate::redpacket::{RedPackets, StoreError};
 use crate::{http, metrics};
+use std::collections::HashMap;
 
 /// Grace after the drain window for the last closes to flush before tasks are stopped.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -29,6 +35,10 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 pub enum ServerError {
     #[error("serving HTTP: {0}")]
     Serve(#[from] std::io::Error),
+    #[error("opening the red-packet store (data.dir): {0}")]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// State every request handler and session shares.
@@ -37,6 +47,10 @@ pub struct Shared {
     pub hub: Hub,
     pub auth: Auth,
     pub admission: Arc<Admission>,
+    pub ratelimits: Arc<RateLimits>,
+    pub redpackets: Arc<RedPackets>,
+    /// The gift catalog by id.
+    pub gifts: HashMap<String, GiftConfig>,
     /// Cancelled when the drain starts: `/readyz` turns 503, sessions schedule their close.
     pub drain: CancellationToken,
     /// Session tasks, so the drain can wait for them.
@@ -82,7 +96,29 @@ pub async fn run(
         &stop,
         &tasks,
     );
+    let store = LocalStore::open(
+        &cfg.data.dir,
+        cfg.redpacket.max_concurrent_grabs,
+        cfg.redpacket.retain_s,
+    )?;
+    let redpackets = RedPackets::start(
+        Arc::new(store),
+        hub.clone(),
+        cfg.redpacket.clone(),
+        &stop,
+        &tasks,
+    )
+    .await?;
+    let ratelimits = RateLimits::new(&cfg.ratelimit);
+    ratelimits.start_sweeper(&stop, &tasks);
     let shared = Arc::new(Shared {
+        ratelimits,
+        redpackets,
+        gifts: cfg
+            .gifts
+            .iter()
+            .map(|g| (g.id.clone(), g.clone()))
+            .collect(),
         auth: Auth::new(&cfg.auth.secret),
         admission: Admission::new(cfg.limits.max_conns, cfg.limits.max_conns_per_ip),
         cfg: Arc::new(cfg),

@@ -10,6 +10,7 @@
 //! Every write races the kill switch and a timeout (2 × heartbeat): a socket that
 //! accepts nothing for that long is dead, whatever TCP thinks.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use crate::metrics::{self, CloseReason};
 use crate::protocol::{
     self, ClientOp, CloseCode, ErrorCode, Format, ProtoError, RoomId, ServerFrame, User,
 };
+use crate::ratelimit::{Action, Key};
 use crate::server::Shared;
 
 /// At most this many queued frames are written per flush, so replies are not starved.
@@ -37,6 +39,8 @@ pub struct Params {
     pub room: Option<RoomId>,
     /// Holds this connection's place under the connection caps.
     pub ticket: Ticket,
+    /// The client's address (per-IP budgets of anonymous viewers).
+    pub ip: IpAddr,
 }
 
 /// Why the serve loop stopped.
@@ -60,6 +64,10 @@ struct Session {
     /// Last inbound frame of any kind (data, ping, pong).
     last_seen: Instant,
     heartbeat: Duration,
+    /// Whose rate-limit budget this connection spends: the user's, shared by all their
+    /// connections, or this connection's own when anonymous.
+    rate_key: Key,
+    ip: IpAddr,
 }
 
 /// Serves one upgraded connection until it ends; leaves its rooms on the way out.
@@ -70,7 +78,13 @@ pub async fn run(mut ws: WebSocket, shared: Arc<Shared>, params: Params) {
     hot.connections.increment(1.0);
     hot.connections_opened.increment(1);
     let heartbeat = Duration::from_millis(shared.cfg.server.heartbeat_ms);
+    let rate_key = match &params.user {
+        Some(u) => Key::User(Arc::from(u.id.as_str())),
+        None => Key::Conn(id),
+    };
     let mut session = Session {
+        rate_key,
+        ip: params.ip,
         shared,
         conn,
         user: params.user,
@@ -194,18 +208,22 @@ impl Session {
             ClientOp::Join { room, history } => self.join(room, history).await,
             ClientOp::Leave { room } => self.leave(room).await,
             ClientOp::Chat { room, text } => self.chat(room, text),
+            ClientOp::Gift { room, gift, count } => self.gift(room, gift, count),
+            ClientOp::Grab { room, packet } => self.grab(room, packet).await,
             ClientOp::Ping => Ok(Reply::Pong),
         };
         self.reply(ws, reply, reference).await
     }
 
     async fn join(&mut self, room: RoomId, history: usize) -> Result<Reply, ProtoError> {
+        self.limit(Action::Join)?;
         let hub = &self.shared.hub;
         if self.rooms.contains(&room) {
             // Joining again answers `joined` and changes nothing.
             return Ok(Reply::Joined {
                 online: hub.online(&room),
                 history: hub.history(&room, history),
+                redpackets: self.open_packets(&room).await,
                 room,
             });
         }
@@ -222,6 +240,7 @@ impl Session {
             Ok(joined) => {
                 self.rooms.push(room.clone());
                 Ok(Reply::Joined {
+                    redpackets: self.open_packets(&room).await,
                     room,
                     online: joined.online,
                     history: joined.history,
@@ -245,23 +264,78 @@ impl Session {
     }
 
     fn chat(&mut self, room: RoomId, text: String) -> Result<Reply, ProtoError> {
+        let user = self.writer(&room)?;
+        self.limit(Action::Chat)?;
+        self.shared
+            .hub
+            .publish(&room, protocol::EventBody::Chat { user, text });
+        Ok(Reply::Ack)
+    }
+
+    fn gift(&mut self, room: RoomId, gift: String, count: u32) -> Result<Reply, ProtoError> {
+        let Some(entry) = self.shared.gifts.get(&gift) else {
+            return Err(ProtoError::bad_request(format!(
+                "gift: unknown gift {gift:?}"
+            )));
+        };
+        let free = entry.free;
+        let user = self.writer(&room)?;
+        if !free {
+            return Err(ProtoError::new(
+                ErrorCode::Forbidden,
+                format!("gift {gift:?} is paid: it is sent by the backend after billing"),
+            ));
+        }
+        self.limit(Action::Gift)?;
+        self.shared.hub.publish(
+            &room,
+            protocol::EventBody::Gift {
+                user,
+                gift,
+                count: u64::from(count),
+            },
+        );
+        Ok(Reply::Ack)
+    }
+
+    async fn grab(&mut self, room: RoomId, packet: String) -> Result<Reply, ProtoError> {
+        let user = self.writer(&room)?;
+        self.limit(Action::Grab)?;
+        let amount = self.shared.redpackets.grab(&room, &packet, &user).await?;
+        Ok(Reply::Grabbed(amount))
+    }
+
+    /// The checks every write shares, in protocol order: `unauthorized`, `not_joined`.
+    fn writer(&self, room: &RoomId) -> Result<User, ProtoError> {
         let Some(user) = &self.user else {
             return Err(ProtoError::new(
                 ErrorCode::Unauthorized,
                 "anonymous viewers cannot send",
             ));
         };
-        if !self.rooms.contains(&room) {
-            return Err(not_joined(&room));
+        if !self.rooms.contains(room) {
+            return Err(not_joined(room));
         }
-        self.shared.hub.publish(
-            &room,
-            protocol::EventBody::Chat {
-                user: user.clone(),
-                text,
-            },
-        );
-        Ok(Reply::Ack)
+        Ok(user.clone())
+    }
+
+    fn limit(&self, action: Action) -> Result<(), ProtoError> {
+        self.shared
+            .ratelimits
+            .check(action, &self.rate_key, self.ip)
+    }
+
+    /// The room's open red packets for `joined`; a store failure shows none rather than
+    /// failing the join.
+    async fn open_packets(&self, room: &RoomId) -> Vec<protocol::OpenPacket> {
+        self.shared
+            .redpackets
+            .open_in(room)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "listing open red packets failed");
+                Vec::new()
+            })
     }
 
     async fn leave_all(&mut self) {
@@ -281,12 +355,18 @@ impl Session {
                 room,
                 online,
                 history,
+                redpackets,
             }) => ServerFrame::Joined {
                 room: &room,
                 online,
                 history: &history,
-                redpackets: &[],
+                redpackets: &redpackets,
                 reference,
+            }
+            .encode(self.conn.format),
+            Ok(Reply::Grabbed(amount)) => ServerFrame::Ack {
+                reference,
+                amount: Some(amount),
             }
             .encode(self.conn.format),
             Ok(Reply::Ack) => ServerFrame::Ack {
@@ -367,8 +447,11 @@ enum Reply {
         room: RoomId,
         online: u64,
         history: Vec<Arc<protocol::Event>>,
+        redpackets: Vec<protocol::OpenPacket>,
     },
     Ack,
+    /// `ack` of a grab, with the amount won.
+    Grabbed(u64),
     Pong,
 }
 

@@ -35,7 +35,21 @@ pub fn test_config() -> Config {
     cfg.api.token = API_TOKEN.into();
     cfg.room.batch_ms = 20;
     cfg.room.presence_ms = 100;
+    cfg.data.dir = temp_dir("data");
     cfg
+}
+
+/// A fresh directory under the system temp dir, unique per call.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "danmaku-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 pub struct Gateway {

@@ -1,0 +1,345 @@
+//! Red packets (hongbao): creation with pre-split amounts, grabs that are exactly-once
+//! per user and durable before they are acknowledged, a per-packet cap on grabs in
+//! flight, expiry, and the room events that announce all of it.
+//!
+//! The seed's incident: packets that could reach only 300 people. Here a packet serves
+//! a whole room: amounts are split once at creation ([`split`]), a grab pops one under
+//! a short lock and is acknowledged after the record is fsynced (group commit, so a
+//! storm costs few fsyncs), and beyond `max_concurrent_grabs` in flight a grab answers
+//! `busy` instead of queueing without bound.
+//!
+//! [`Store`] is the seam between this service and where packets live: [`local`] keeps
+//! them in memory with a journal under `data.dir` (embedded mode); a Redis store plugs
+//! in behind the same trait for clusters. The service ([`RedPackets`]) owns what does
+//! not depend on the store: validation, splitting, events, expiry timers.
+
+pub mod journal;
+pub mod local;
+pub mod split;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::RedPacketConfig;
+use crate::hub::Hub;
+use crate::metrics;
+use crate::protocol::{ErrorCode, EventBody, OpenPacket, ProtoError, RoomId, User, now_ms};
+
+/// Most shares one packet may have.
+pub const MAX_SHARES: u32 = 100_000;
+/// Largest total, in cents (100 million in the currency's main unit): beyond any real
+/// packet, and far from overflowing sums.
+pub const MAX_TOTAL: u64 = 10_000_000_000;
+
+/// A packet as the store keeps it at creation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewPacket {
+    pub packet: String,
+    pub room: RoomId,
+    pub sender: User,
+    pub total: u64,
+    pub shares: u32,
+    pub amounts: Vec<u64>,
+    pub created_at: u64,
+    pub expires_at: u64,
+}
+
+/// How a finished packet ended (the `redpacket_done` event's fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    pub grabbed: u32,
+    pub total_grabbed: u64,
+    pub expired: bool,
+}
+
+/// A successful grab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grabbed {
+    pub amount: u64,
+    /// Set when this grab took the last share (the packet is finished).
+    pub done: Option<Done>,
+}
+
+/// Why a grab was refused; each maps to a protocol error code.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GrabError {
+    #[error("no such packet in this room")]
+    NotFound,
+    #[error("you already grabbed this packet")]
+    AlreadyGrabbed,
+    #[error("the packet has expired")]
+    Expired,
+    #[error("all shares are taken")]
+    Empty,
+    #[error("too many grabs in flight, try again")]
+    Busy,
+    #[error("store unavailable: {0}")]
+    Store(String),
+}
+
+impl GrabError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            GrabError::NotFound => ErrorCode::PacketNotFound,
+            GrabError::AlreadyGrabbed => ErrorCode::AlreadyGrabbed,
+            GrabError::Expired => ErrorCode::PacketExpired,
+            GrabError::Empty => ErrorCode::PacketEmpty,
+            GrabError::Busy => ErrorCode::Busy,
+            GrabError::Store(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// A store operation that failed for reasons of the store itself.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("red-packet store: {0}")]
+pub struct StoreError(pub String);
+
+/// One grab as `GET /api/v1/redpackets/{packet}` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GrabRecord {
+    pub user: User,
+    pub amount: u64,
+}
+
+/// A packet's full state for the HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PacketStatus {
+    pub packet: String,
+    pub room: String,
+    pub total: u64,
+    pub shares: u32,
+    pub grabbed: u32,
+    pub total_grabbed: u64,
+    pub remaining: u32,
+    /// Cents not handed out (reported after expiry).
+    pub remaining_amount: u64,
+    pub expired: bool,
+    pub expires_at: u64,
+    pub grabs: Vec<GrabRecord>,
+}
+
+/// Where packets live. Contract for every implementation:
+/// - `grab` gives a user at most one share of a packet, ever, however many connections
+///   or nodes it grabs from at once; it returns only after the grab is durable;
+/// - at most `max_concurrent` grabs of one packet are in flight; beyond → `Busy`, no
+///   effect;
+/// - shares are the creation's pre-split amounts, each handed out once.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Stores a new packet durably.
+    async fn create(&self, packet: NewPacket) -> Result<(), StoreError>;
+    /// Takes one share of `packet` (in `room`) for `user`.
+    async fn grab(&self, room: &RoomId, packet: &str, user: &User) -> Result<Grabbed, GrabError>;
+    /// Marks `packet` expired; returns how it ended if this call finished it.
+    async fn expire(&self, packet: &str) -> Result<Option<Done>, StoreError>;
+    /// The packet's state, if known.
+    async fn status(&self, packet: &str) -> Result<Option<PacketStatus>, StoreError>;
+    /// Packets of `room` still open, for `joined.redpackets`.
+    async fn open_in(&self, room: &RoomId) -> Result<Vec<OpenPacket>, StoreError>;
+    /// Open packets and their expiry (unix ms), to arm timers after a restart.
+    async fn open_packets(&self) -> Result<Vec<(String, u64)>, StoreError>;
+}
+
+/// A create request from the backend (`POST /api/v1/rooms/{room}/redpackets`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub total: u64,
+    pub shares: u32,
+    pub sender: User,
+    #[serde(default)]
+    pub expires_in_s: Option<u64>,
+}
+
+/// Why a create request was refused (HTTP 400 naming the field, or 503).
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The red-packet service: validation, events, expiry timers; storage behind [`Store`].
+pub struct RedPackets {
+    store: Arc<dyn Store>,
+    hub: Hub,
+    cfg: RedPacketConfig,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl RedPackets {
+    /// Wraps `store` and arms expiry timers for its open packets (after a restart).
+    ///
+    /// # Errors
+    /// The store could not list its open packets.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        hub: Hub,
+        cfg: RedPacketConfig,
+        cancel: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Arc<Self>, StoreError> {
+        let me = Arc::new(Self {
+            store,
+            hub,
+            cfg,
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        });
+        for (packet, expires_at) in me.store.open_packets().await? {
+            me.arm_expiry(packet, expires_at);
+        }
+        Ok(me)
+    }
+
+    /// Validates, splits, stores, announces; returns the packet id.
+    ///
+    /// # Errors
+    /// [`CreateError::Invalid`] naming the field; [`CreateError::Store`].
+    pub async fn create(&self, room: &RoomId, req: CreateRequest) -> Result<String, CreateError> {
+        let invalid = |m: &str| Err(CreateError::Invalid(m.into()));
+        if req.shares == 0 || req.shares > MAX_SHARES {
+            return invalid("shares: must be 1..=100000");
+        }
+        if req.total == 0 || req.total > MAX_TOTAL {
+            return invalid("total: must be 1..=10000000000 cents");
+        }
+        if u64::from(req.shares) > req.total {
+            return invalid("shares: must not exceed total (every share is at least 1 cent)");
+        }
+        if req.sender.id.is_empty() || req.sender.id.len() > 128 {
+            return invalid("sender.id: must be 1-128 characters");
+        }
+        let expires_in = req.expires_in_s.unwrap_or(self.cfg.default_expires_in_s);
+        if expires_in == 0 || expires_in > self.cfg.max_expires_in_s {
+            return Err(CreateError::Invalid(format!(
+                "expires_in_s: must be 1..={}",
+                self.cfg.max_expires_in_s
+            )));
+        }
+        let amounts = split::split(req.total, req.shares, &mut rand::rng());
+        let now = now_ms();
+        let packet = NewPacket {
+            packet: format!("rp-{}-{:016x}", self.hub.node(), rand::random::<u64>()),
+            room: room.clone(),
+            sender: req.sender,
+            total: req.total,
+            shares: req.shares,
+            amounts,
+            created_at: now,
+            expires_at: now + expires_in * 1000,
+        };
+        let id = packet.packet.clone();
+        let event = EventBody::Redpacket {
+            packet: id.clone(),
+            user: packet.sender.clone(),
+            total: packet.total,
+            shares: packet.shares,
+            expires_at: packet.expires_at,
+        };
+        let expires_at = packet.expires_at;
+        self.store.create(packet).await?;
+        ::metrics::counter!(metrics::REDPACKETS_CREATED).increment(1);
+        self.hub.publish(room, event);
+        self.arm_expiry(id.clone(), expires_at);
+        Ok(id)
+    }
+
+    /// One user's grab; the `ack` amount, or the error frame to send.
+    ///
+    /// # Errors
+    /// The packet codes of PROTOCOL.md (`packet_not_found`, `already_grabbed`,
+    /// `packet_expired`, `packet_empty`, `busy`) or `internal`.
+    pub async fn grab(&self, room: &RoomId, packet: &str, user: &User) -> Result<u64, ProtoError> {
+        let started = std::time::Instant::now();
+        let result = self.store.grab(room, packet, user).await;
+        ::metrics::histogram!(metrics::REDPACKET_GRAB_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(g) => {
+                metrics::grab("ok");
+                self.hub.publish(
+                    room,
+                    EventBody::Grab {
+                        packet: packet.to_string(),
+                        user: user.clone(),
+                        amount: g.amount,
+                    },
+                );
+                if let Some(done) = g.done {
+                    self.announce_done(room, packet, done);
+                }
+                Ok(g.amount)
+            }
+            Err(e) => {
+                metrics::grab(e.code().as_str());
+                if let GrabError::Store(msg) = &e {
+                    tracing::error!(packet, error = %msg, "grab failed in the store");
+                }
+                Err(ProtoError::new(e.code(), e.to_string()))
+            }
+        }
+    }
+
+    pub async fn status(&self, packet: &str) -> Result<Option<PacketStatus>, StoreError> {
+        self.store.status(packet).await
+    }
+
+    pub async fn open_in(&self, room: &RoomId) -> Result<Vec<OpenPacket>, StoreError> {
+        self.store.open_in(room).await
+    }
+
+    fn announce_done(&self, room: &RoomId, packet: &str, done: Done) {
+        self.hub.publish(
+            room,
+            EventBody::RedpacketDone {
+                packet: packet.to_string(),
+                grabbed: done.grabbed,
+                total_grabbed: done.total_grabbed,
+                expired: done.expired,
+            },
+        );
+    }
+
+    /// Expires `packet` at `expires_at` (unix ms), announcing `redpacket_done` if that
+    /// finishes it. Timers end with the gateway.
+    fn arm_expiry(&self, packet: String, expires_at: u64) {
+        let store = Arc::clone(&self.store);
+        let hub = self.hub.clone();
+        let cancel = self.cancel.clone();
+        let delay = Duration::from_millis(expires_at.saturating_sub(now_ms()));
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match store.expire(&packet).await {
+                Ok(Some(done)) => {
+                    if let Ok(Some(status)) = store.status(&packet).await
+                        && let Ok(room) = RoomId::parse(&status.room)
+                    {
+                        hub.publish(
+                            &room,
+                            EventBody::RedpacketDone {
+                                packet,
+                                grabbed: done.grabbed,
+                                total_grabbed: done.total_grabbed,
+                                expired: done.expired,
+                            },
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(packet, error = %e, "expiring packet failed"),
+            }
+        });
+    }
+}
