@@ -32,6 +32,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// `local` (one node, in-process) or `redis` (pub/sub across nodes).
+    pub backplane: BackplaneKind,
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub api: ApiConfig,
@@ -40,6 +42,9 @@ pub struct Config {
     pub ratelimit: RateLimitConfig,
     pub redpacket: RedPacketConfig,
     pub data: DataConfig,
+    pub redis: RedisConfig,
+    pub presence: PresenceConfig,
+    pub web: WebConfig,
     /// The gift catalog: what clients may send (free) and what only the backend may (paid).
     pub gifts: Vec<GiftConfig>,
 }
@@ -47,6 +52,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            backplane: BackplaneKind::Local,
             server: Default::default(),
             auth: Default::default(),
             api: Default::default(),
@@ -55,6 +61,9 @@ impl Default for Config {
             ratelimit: Default::default(),
             redpacket: Default::default(),
             data: Default::default(),
+            redis: Default::default(),
+            presence: Default::default(),
+            web: Default::default(),
             gifts: vec![
                 GiftConfig::new("rose", "Rose", true),
                 GiftConfig::new("heart", "Heart", true),
@@ -63,6 +72,69 @@ impl Default for Config {
             ],
         }
     }
+}
+
+/// Which backplane joins the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackplaneKind {
+    /// A single node: rooms, presence, limits and red packets all in-process.
+    Local,
+    /// Nodes joined by Redis: pub/sub, presence hash, Lua limits and red packets.
+    Redis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; for a cluster, a comma-separated list of seed nodes.
+    pub url: String,
+    /// Redis Cluster: sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis >= 7).
+    pub cluster: bool,
+    /// Whether `/readyz` answers 503 while Redis is unreachable.
+    pub required: bool,
+    /// Envelopes buffered for publishing while Redis is slow or down; beyond, dropped
+    /// (counted).
+    pub publish_queue: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
+            required: false,
+            publish_queue: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// A node that has not refreshed its presence for this long is presumed dead and its
+    /// viewers no longer counted.
+    pub node_ttl_s: u64,
+    /// How often a node publishes its per-room counts and reads the others'.
+    pub sync_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            node_ttl_s: 10,
+            sync_ms: 1000,
+        }
+    }
+}
+
+/// The browser demo page (always served at `/`) and its development helpers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// Lets anyone mint a client token (`GET /dev/token?name=`) and drop a red packet
+    /// (`POST /dev/redpacket?room=`). For a laptop demo only; 404 when off.
+    pub dev_tokens: bool,
 }
 
 /// A rate and a burst: `rate` units per second refill, at most `burst` at once.

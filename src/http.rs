@@ -184,6 +184,8 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
+/// 503 while draining, or while the backplane is down and `redis.required` says that
+/// makes the node unready; the body always says how the backplane is.
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.drain.is_cancelled() {
         return HttpError::new(
@@ -193,7 +195,20 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
         )
         .into_response();
     }
-    axum::Json(json!({"status": "ready"})).into_response()
+    let up = shared.backplane.is_up();
+    let body = json!({
+        "status": if up { "ready" } else { "degraded" },
+        "backplane": {"kind": shared.backplane.kind(), "up": up},
+    });
+    if !up && shared.cfg.redis.required {
+        let body = json!({
+            "code": "unavailable",
+            "message": "backplane is down",
+            "backplane": body["backplane"],
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    }
+    axum::Json(body).into_response()
 }
 
 async fn metrics_text(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -31,6 +31,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backplane::Backplane;
 use crate::config::RoomConfig;
 use crate::metrics;
 use crate::protocol::{CloseCode, Event, EventBody, Format, RoomId, ServerFrame, now_ms};
@@ -177,6 +178,9 @@ struct Room {
 struct RoomState {
     /// Events of the current window, in arrival order.
     pending: Vec<Event>,
+    /// Per pending event: whether it originated on this node (and so is published to
+    /// the backplane) or arrived from another node.
+    local: Vec<bool>,
     /// Recent non-presence events, oldest first, at most `history_len`.
     history: VecDeque<Arc<Event>>,
     /// Whether the room is on its flusher's dirty list.
@@ -226,6 +230,7 @@ struct Inner {
     dirty: Box<[Mutex<Vec<Arc<Room>>>]>,
     hasher: std::collections::hash_map::RandomState,
     seq: AtomicU64,
+    backplane: Arc<dyn Backplane>,
 }
 
 impl Hub {
@@ -235,6 +240,7 @@ impl Hub {
         node: Arc<str>,
         cfg: RoomConfig,
         shards: usize,
+        backplane: Arc<dyn Backplane>,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Hub {
@@ -254,6 +260,7 @@ impl Hub {
             dirty: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
             hasher: Default::default(),
             seq: AtomicU64::new(0),
+            backplane,
         }));
         for (i, rx) in inboxes.into_iter().enumerate() {
             tracker.spawn(shard_loop(rx, cancel.clone()));
@@ -291,6 +298,7 @@ impl Hub {
                     .collect(),
                 state: Mutex::new(RoomState {
                     pending: Vec::new(),
+                    local: Vec::new(),
                     history: VecDeque::new(),
                     dirty: false,
                     presence_sent: 0,
@@ -315,7 +323,7 @@ impl Hub {
         history: usize,
     ) -> Result<Joined, JoinError> {
         let shard = self.shard_of(conn.id);
-        let r = {
+        let (r, first) = {
             // The entry guard makes "create or find, then count" atomic against the
             // idle-room sweep, which removes only rooms with no members.
             let entry = self.room_or_create(room);
@@ -326,7 +334,7 @@ impl Hub {
                 return Err(JoinError::RoomFull);
             }
             entry.per_shard[shard].fetch_add(1, Ordering::AcqRel);
-            Arc::clone(&entry)
+            (Arc::clone(&entry), prev == 0)
         };
         let (done, registered) = oneshot::channel();
         let sent = self.0.shards[shard]
@@ -341,6 +349,9 @@ impl Hub {
             return Err(JoinError::ShuttingDown);
         }
         metrics::hot().room_members.increment(1.0);
+        if first {
+            self.0.backplane.interest(room);
+        }
         let mut st = r.state.lock().expect("room lock");
         st.last_active = Instant::now();
         let skip = st.history.len().saturating_sub(history);
@@ -367,8 +378,11 @@ impl Hub {
 
     fn forget_member(&self, r: &Room, shard: usize) {
         r.per_shard[shard].fetch_sub(1, Ordering::AcqRel);
-        r.online.fetch_sub(1, Ordering::AcqRel);
+        let last = r.online.fetch_sub(1, Ordering::AcqRel) == 1;
         r.state.lock().expect("room lock").last_active = Instant::now();
+        if last {
+            self.0.backplane.interest(&r.id);
+        }
     }
 
     /// The last `n` history events of `room`, oldest first.
@@ -383,10 +397,7 @@ impl Hub {
 
     /// Local members of `room` on this node.
     pub fn online(&self, room: &RoomId) -> u64 {
-        self.0
-            .rooms
-            .get(room)
-            .map_or(0, |r| r.online.load(Ordering::Acquire))
+        self.local_online(room) + self.0.backplane.remote_online(room)
     }
 
     /// Rooms this node holds state for.
@@ -453,15 +464,53 @@ impl Hub {
             return id;
         }
         st.pending.push(event);
-        if !st.dirty {
-            st.dirty = true;
-            drop(st);
-            self.0.dirty[r.owner].lock().expect("dirty lock").push(r);
-        } else {
-            drop(st);
-        }
+        st.local.push(true);
+        self.mark_dirty(&r, st);
         metrics::event(kind);
         id
+    }
+
+    /// Queues events that another node published (already merged and budgeted there).
+    pub fn inject(&self, room: &RoomId, events: Vec<Event>) {
+        let r = Arc::clone(&self.room_or_create(room));
+        let mut st = r.state.lock().expect("room lock");
+        st.last_active = Instant::now();
+        for e in events {
+            st.pending.push(e);
+            st.local.push(false);
+        }
+        self.mark_dirty(&r, st);
+    }
+
+    /// Puts `r` on its flusher's dirty list (once per window); consumes the room guard so
+    /// the dirty-list lock is never taken under it.
+    fn mark_dirty(&self, r: &Arc<Room>, mut st: std::sync::MutexGuard<'_, RoomState>) {
+        if st.dirty {
+            return;
+        }
+        st.dirty = true;
+        drop(st);
+        self.0.dirty[r.owner]
+            .lock()
+            .expect("dirty lock")
+            .push(Arc::clone(r));
+    }
+
+    /// Rooms with state on this node and their local member counts.
+    pub fn local_rooms(&self) -> Vec<(RoomId, u64)> {
+        self.0
+            .rooms
+            .iter()
+            .map(|r| (r.id.clone(), r.online.load(Ordering::Acquire)))
+            .collect()
+    }
+
+    /// Members of `room` on this node only.
+    pub fn local_online(&self, room: &RoomId) -> u64 {
+        self.0
+            .rooms
+            .get(room)
+            .map_or(0, |r| r.online.load(Ordering::Acquire))
     }
 
     async fn flusher_loop(self, index: usize, cancel: CancellationToken) {
@@ -489,6 +538,16 @@ impl Hub {
                 st.dirty = false;
                 st.gifts.clear();
                 let events: Vec<Arc<Event>> = st.pending.drain(..).map(Arc::new).collect();
+                let local: Vec<Arc<Event>> = events
+                    .iter()
+                    .zip(st.local.drain(..))
+                    // Presence is each node's own view of the room; never forwarded.
+                    .filter(|(e, local)| *local && !matches!(e.body, EventBody::Presence { .. }))
+                    .map(|(e, _)| Arc::clone(e))
+                    .collect();
+                if !local.is_empty() {
+                    self.0.backplane.publish(&room.id, &local);
+                }
                 let cap = self.0.cfg.history_len;
                 for e in events.iter().filter(|e| e.body.in_history()) {
                     if st.history.len() == cap {
@@ -521,9 +580,13 @@ impl Hub {
         let idle_ttl = Duration::from_secs(self.0.cfg.idle_ttl_s);
         let mut changed = Vec::new();
         for r in self.0.rooms.iter().filter(|r| r.owner == index) {
-            let online = r.online.load(Ordering::Acquire);
+            let local = r.online.load(Ordering::Acquire);
+            if local == 0 {
+                continue;
+            }
+            let online = local + self.0.backplane.remote_online(&r.id);
             let st = r.state.lock().expect("room lock");
-            if online != st.presence_sent && online > 0 {
+            if online != st.presence_sent {
                 changed.push((r.id.clone(), online));
             }
         }

@@ -21,6 +21,8 @@
 //! | [`hub`] | rooms, flushers (batching, gift merging, chat budget) and shards (fan-out) |
 //! | [`ratelimit`] | per-user GCRA budgets for chat, free gifts, grabs, joins |
 //! | [`redpacket`] | red packets: split, exactly-once grabs, journal, expiry, events |
+//! | [`backplane`] | joins nodes: trait, `Local` (single node), Redis pub/sub + presence |
+//! | [`redis_link`] | the supervised Redis command connection (single or cluster) |
 //! | [`http`] | `/ws`, `/healthz`, `/readyz`, `/metrics`, `/api/v1/...` |
 //! | [`metrics`] | every metric's name and description, hot-path handles |
 //! | [`server`] | wiring, serving, graceful drain |
@@ -29,12 +31,14 @@
 
 pub mod admission;
 pub mod auth;
+pub mod backplane;
 pub mod config;
 pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;
+pub mod redis_link;
 pub mod redpacket;
 pub mod server;
 pub mod session;

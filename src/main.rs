@@ -17,6 +17,21 @@ struct Args {
     config: Option<PathBuf>,
 }
 
+/// Accept backlog: a storm of viewers arriving at once (the seed's 20k-viewer match)
+/// must queue in the kernel, not be dropped into a 1 s SYN retry as with the default 128.
+const BACKLOG: u32 = 4096;
+
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -47,8 +62,7 @@ fn main() -> ExitCode {
         }
     };
     let result: anyhow::Result<()> = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-            .await
+        let listener = bind(cfg.server.listen)
             .map_err(|e| anyhow::anyhow!("binding server.listen = {}: {e}", cfg.server.listen))?;
         server::run(listener, cfg, shutdown::signal()).await?;
         Ok(())

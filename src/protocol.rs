@@ -453,8 +453,8 @@ pub fn check_text(text: &str, max: usize) -> Result<(), ProtoError> {
 // ---------------------------------------------------------------------------------------
 // Events
 
-/// One room event as every member sees it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One room event as every member sees it (and as the backplane carries it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Unique across the cluster: `<node>-<sequence>`.
     pub id: String,
@@ -464,7 +464,7 @@ pub struct Event {
     pub body: EventBody,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {
     Chat {

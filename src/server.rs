@@ -17,10 +17,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::Admission;
 use crate::auth::Auth;
+use crate::backplane::redis::RedisBackplane;
+use crate::backplane::{Backplane, Local};
 use crate::config::Config;
-use crate::config::GiftConfig;
+use crate::config::{BackplaneKind, GiftConfig};
 use crate::hub::{ConnId, Hub};
 use crate::ratelimit::RateLimits;
+use crate::redis_link::RedisLink;
 use crate::redpacket::journal::JournalError;
 use crate::redpacket::local::LocalStore;
 use crate::redpacket::{RedPackets, StoreError};
@@ -45,6 +48,7 @@ pub enum ServerError {
 pub struct Shared {
     pub cfg: Arc<Config>,
     pub hub: Hub,
+    pub backplane: Arc<dyn Backplane>,
     pub auth: Auth,
     pub admission: Arc<Admission>,
     pub ratelimits: Arc<RateLimits>,
@@ -89,13 +93,27 @@ pub async fn run(
     metrics::hot();
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
+    let (backplane, redis): (Arc<dyn Backplane>, Option<Arc<RedisBackplane>>) = match cfg.backplane
+    {
+        BackplaneKind::Local => (Arc::new(Local), None),
+        BackplaneKind::Redis => {
+            let link = RedisLink::start(cfg.redis.clone(), &stop, &tasks);
+            let bp =
+                RedisBackplane::new(node.clone(), cfg.redis.clone(), cfg.presence.clone(), link);
+            (bp.clone(), Some(bp))
+        }
+    };
     let hub = Hub::start(
         node.clone(),
         cfg.room.clone(),
         cfg.shard_count(),
+        Arc::clone(&backplane),
         &stop,
         &tasks,
     );
+    if let Some(bp) = &redis {
+        bp.start(hub.clone(), &stop, &tasks);
+    }
     let store = LocalStore::open(
         &cfg.data.dir,
         cfg.redpacket.max_concurrent_grabs,
@@ -123,6 +141,7 @@ pub async fn run(
         admission: Admission::new(cfg.limits.max_conns, cfg.limits.max_conns_per_ip),
         cfg: Arc::new(cfg),
         hub,
+        backplane,
         drain: CancellationToken::new(),
         sessions: TaskTracker::new(),
         prometheus,

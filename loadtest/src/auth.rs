@@ -66,7 +66,10 @@ mod tests {
             &Validation::default(),
         )
         .unwrap();
-        assert_eq!((back.claims.sub.as_str(), back.claims.name.as_str()), ("u1", "User 1"));
+        assert_eq!(
+            (back.claims.sub.as_str(), back.claims.name.as_str()),
+            ("u1", "User 1")
+        );
         assert!(
             jsonwebtoken::decode::<Back>(
                 &t,

@@ -212,17 +212,26 @@ mod tests {
         let Decoded::Frame(f) = decode(&msg) else {
             panic!("not a frame")
         };
-        assert_eq!((f.op, f.reference, f.code), ("error", Some(4), Some("rate_limited")));
+        assert_eq!(
+            (f.op, f.reference, f.code),
+            ("error", Some(4), Some("rate_limited"))
+        );
 
         let Message::Binary(b) = encode_chat(Format::Msgpack, "r", "hi", 9) else {
             panic!("not binary")
         };
         let v: serde_json::Value = rmp_serde::from_slice(&b).unwrap();
-        assert_eq!(v, serde_json::json!({"op":"chat","room":"r","text":"hi","ref":9}));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"chat","room":"r","text":"hi","ref":9})
+        );
         let Message::Text(t) = encode_chat(Format::Json, "r", "hi", 9) else {
             panic!("not text")
         };
-        assert_eq!(t.as_str(), r#"{"op":"chat","room":"r","text":"hi","ref":9}"#);
+        assert_eq!(
+            t.as_str(),
+            r#"{"op":"chat","room":"r","text":"hi","ref":9}"#
+        );
     }
 
     #[test]

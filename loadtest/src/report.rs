@@ -216,7 +216,13 @@ mod tests {
         t.add("timeout: upgrade");
         let snap = t.snapshot();
         assert_eq!(snap["http 503"], 2);
-        let text = Table::default().section("s").tally("failures", &snap).finish();
-        assert!(text.contains("failures") && text.contains("timeout: upgrade"), "{text}");
+        let text = Table::default()
+            .section("s")
+            .tally("failures", &snap)
+            .finish();
+        assert!(
+            text.contains("failures") && text.contains("timeout: upgrade"),
+            "{text}"
+        );
     }
 }

@@ -45,6 +45,19 @@ pub fn bind_address_no_port(socket: &impl AsRawFd) {
     }
 }
 
+/// A system-wide `TcpExt` counter from `/proc/net/netstat` (e.g. `ListenOverflows`).
+pub fn tcp_ext_counter(name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    parse_tcp_ext(&text, name)
+}
+
+fn parse_tcp_ext(text: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let i = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
 /// `VmRSS` of process `pid` (`"self"` for this one) in bytes, if readable.
 pub fn vm_rss_bytes(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -67,5 +80,12 @@ mod tests {
         assert_eq!(parse_vm_rss(s), Some(2048 * 1024));
         assert_eq!(parse_vm_rss("Name: x\n"), None);
         assert!(vm_rss_bytes("self").unwrap() > 0);
+    }
+
+    #[test]
+    fn parses_tcp_ext() {
+        let s = "TcpExt: SyncookiesSent ListenOverflows\nTcpExt: 3 17\nIpExt: A\nIpExt: 1\n";
+        assert_eq!(parse_tcp_ext(s, "ListenOverflows"), Some(17));
+        assert_eq!(parse_tcp_ext(s, "Nope"), None);
     }
 }

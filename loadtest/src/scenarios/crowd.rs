@@ -92,7 +92,10 @@ struct Viewer {
 impl Viewer {
     async fn run(mut self, index: usize) {
         let token = self.tokens.as_ref().map(|t| t[index].as_str());
-        let Some((mut conn, _)) = self.tracker.open(&self.target, index, &self.room, token).await
+        let Some((mut conn, _)) = self
+            .tracker
+            .open(&self.target, index, &self.room, token)
+            .await
         else {
             return;
         };

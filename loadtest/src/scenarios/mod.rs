@@ -12,8 +12,8 @@ pub mod storm;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{LazyLock, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -42,9 +42,6 @@ pub struct ConnArgs {
     /// ports): e.g. 127.0.0.1,127.0.0.2. Default: the kernel's choice.
     #[arg(long, value_delimiter = ',')]
     pub sources: Vec<IpAddr>,
-    /// HS256 secret of the gateway's `auth.secret`, for minting user tokens.
-    #[arg(long, default_value = "dev-secret-change-me")]
-    pub secret: String,
     /// Per-connection bound on TCP connect + upgrade + `joined`, seconds.
     #[arg(long, default_value_t = 30.0)]
     pub connect_timeout: f64,
@@ -94,8 +91,14 @@ pub fn secs(s: f64) -> Duration {
 /// leftovers of an earlier run are never mistaken for this one's.
 pub fn run_id() -> String {
     let micros = crate::report::unix_micros();
-    format!("{:x}", (micros ^ (u64::from(std::process::id()) << 40)) & 0xff_ffff_ffff)
+    format!(
+        "{:x}",
+        (micros ^ (u64::from(std::process::id()) << 40)) & 0xff_ffff_ffff
+    )
 }
+
+/// The `TcpExt` counter of accept-backlog overflows.
+const LISTEN_OVERFLOWS: &str = "ListenOverflows";
 
 /// Bookkeeping of a connect phase: bounded concurrency, successes, failures by reason,
 /// connect latency (attempt start to `joined`), and when the phase settled.
@@ -107,6 +110,10 @@ pub struct ConnectTracker {
     failed: AtomicU64,
     /// Microseconds after `start` at which the last successful `joined` arrived.
     last_joined_us: AtomicU64,
+    /// Largest room `online` count any `joined` reported.
+    max_online: AtomicU64,
+    /// System-wide `ListenOverflows` when the tracker was made.
+    listen_overflows_before: Option<u64>,
     failures: Tally,
     latency: Mutex<Histogram<u64>>,
     settled: Notify,
@@ -122,6 +129,8 @@ impl ConnectTracker {
             joined: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             last_joined_us: AtomicU64::new(0),
+            max_online: AtomicU64::new(0),
+            listen_overflows_before: crate::sys::tcp_ext_counter(LISTEN_OVERFLOWS),
             failures: Tally::default(),
             latency: Mutex::new(new_hist()),
             settled: Notify::new(),
@@ -149,6 +158,7 @@ impl ConnectTracker {
         let outcome = match result {
             Ok((ok, took)) => {
                 lock(&self.latency).saturating_record(took.as_micros() as u64);
+                self.max_online.fetch_max(ok.1.online, Relaxed);
                 self.last_joined_us
                     .fetch_max(self.start.elapsed().as_micros() as u64, Relaxed);
                 self.joined.fetch_add(1, Relaxed);
@@ -201,8 +211,9 @@ impl ConnectTracker {
         )
     }
 
-    /// The connect phase as reported, `phase_took` being how long the phase lasted.
-    pub fn summary(&self, phase_took: Duration) -> ConnectSummary {
+    /// The connect phase as reported (its length measured to now).
+    pub fn summary(&self) -> ConnectSummary {
+        let phase_took = self.start.elapsed();
         let ok = self.joined();
         let failed = self.failed();
         let all_joined = ok == self.total;
@@ -216,6 +227,10 @@ impl ConnectTracker {
             time_to_all_joined_s: all_joined.then(|| round3(last.as_secs_f64())),
             connect_phase_s: round3(phase_took.as_secs_f64()),
             joins_per_s: round3(crate::progress::per_sec(ok, last)),
+            max_online_seen: self.max_online.load(Relaxed),
+            listen_overflows: self.listen_overflows_before.and_then(|before| {
+                crate::sys::tcp_ext_counter(LISTEN_OVERFLOWS).map(|now| now.saturating_sub(before))
+            }),
             failures: self.failures.snapshot(),
             connect_latency: LatencySummary::of(&lock(&self.latency)),
         }
@@ -237,6 +252,13 @@ pub struct ConnectSummary {
     pub connect_phase_s: f64,
     /// Successful joins per second over the phase.
     pub joins_per_s: f64,
+    /// Largest room `online` count reported by a `joined` (the last joiner of a room
+    /// sees every member, so this checks the gateway's count).
+    pub max_online_seen: u64,
+    /// System-wide TCP `ListenOverflows` during the phase: SYNs or handshakes a listener
+    /// dropped because its accept backlog was full; each costs its client a ~1 s SYN
+    /// retransmit (the gateway runs on this machine, so this is almost always it).
+    pub listen_overflows: Option<u64>,
     /// Failures by reason.
     pub failures: BTreeMap<String, u64>,
     /// Attempt start (slot acquired) to `joined`.
@@ -259,6 +281,12 @@ impl ConnectSummary {
         )
         .row("connect phase", format!("{} s", self.connect_phase_s))
         .row("joins/s", self.joins_per_s)
+        .row("max online seen", self.max_online_seen)
+        .row(
+            "listen overflows",
+            self.listen_overflows
+                .map_or_else(|| "unknown".into(), |n| n.to_string()),
+        )
         .row("connect latency", self.connect_latency.line())
         .tally("failures", &self.failures);
     }
