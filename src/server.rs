@@ -26,7 +26,8 @@ use crate::ratelimit::RateLimits;
 use crate::redis_link::RedisLink;
 use crate::redpacket::journal::JournalError;
 use crate::redpacket::local::LocalStore;
-use crate::redpacket::{RedPackets, StoreError};
+use crate::redpacket::redis::RedisStore;
+use crate::redpacket::{RedPackets, Store, StoreError};
 use crate::{http, metrics};
 use std::collections::HashMap;
 
@@ -93,13 +94,19 @@ pub async fn run(
     metrics::hot();
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
-    let (backplane, redis): (Arc<dyn Backplane>, Option<Arc<RedisBackplane>>) = match cfg.backplane
-    {
-        BackplaneKind::Local => (Arc::new(Local), None),
-        BackplaneKind::Redis => {
-            let link = RedisLink::start(cfg.redis.clone(), &stop, &tasks);
-            let bp =
-                RedisBackplane::new(node.clone(), cfg.redis.clone(), cfg.presence.clone(), link);
+    let link = match cfg.backplane {
+        BackplaneKind::Local => None,
+        BackplaneKind::Redis => Some(RedisLink::start(cfg.redis.clone(), &stop, &tasks)),
+    };
+    let (backplane, redis): (Arc<dyn Backplane>, Option<Arc<RedisBackplane>>) = match &link {
+        None => (Arc::new(Local), None),
+        Some(link) => {
+            let bp = RedisBackplane::new(
+                node.clone(),
+                cfg.redis.clone(),
+                cfg.presence.clone(),
+                Arc::clone(link),
+            );
             (bp.clone(), Some(bp))
         }
     };
@@ -114,13 +121,24 @@ pub async fn run(
     if let Some(bp) = &redis {
         bp.start(hub.clone(), &stop, &tasks);
     }
-    let store = LocalStore::open(
-        &cfg.data.dir,
-        cfg.redpacket.max_concurrent_grabs,
-        cfg.redpacket.retain_s,
-    )?;
+    let store: Arc<dyn Store> = match &link {
+        None => Arc::new(LocalStore::open(
+            &cfg.data.dir,
+            cfg.redpacket.max_concurrent_grabs,
+            cfg.redpacket.retain_s,
+        )?),
+        Some(link) => {
+            // Give a reachable Redis a moment, so open packets get their timers.
+            link.wait_up(Duration::from_secs(2)).await;
+            Arc::new(RedisStore::new(
+                Arc::clone(link),
+                cfg.redpacket.max_concurrent_grabs,
+                cfg.redpacket.retain_s,
+            ))
+        }
+    };
     let redpackets = RedPackets::start(
-        Arc::new(store),
+        store,
         hub.clone(),
         cfg.redpacket.clone(),
         &stop,

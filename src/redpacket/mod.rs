@@ -15,6 +15,7 @@
 
 pub mod journal;
 pub mod local;
+pub mod redis;
 pub mod split;
 
 use std::sync::Arc;
@@ -132,6 +133,10 @@ pub struct PacketStatus {
 /// - shares are the creation's pre-split amounts, each handed out once.
 #[async_trait]
 pub trait Store: Send + Sync {
+    /// A fresh, unique packet id (a store may encode placement in it).
+    fn new_packet_id(&self, node: &str) -> String {
+        format!("rp-{node}-{:016x}", rand::random::<u64>())
+    }
     /// Stores a new packet durably.
     async fn create(&self, packet: NewPacket) -> Result<(), StoreError>;
     /// Takes one share of `packet` (in `room`) for `user`.
@@ -228,7 +233,7 @@ impl RedPackets {
         let amounts = split::split(req.total, req.shares, &mut rand::rng());
         let now = now_ms();
         let packet = NewPacket {
-            packet: format!("rp-{}-{:016x}", self.hub.node(), rand::random::<u64>()),
+            packet: self.store.new_packet_id(self.hub.node()),
             room: room.clone(),
             sender: req.sender,
             total: req.total,

@@ -379,3 +379,408 @@ pub fn refusal(err: tokio_tungstenite::tungstenite::Error) -> (u16, Value) {
         e => panic!("expected an HTTP refusal, got {e}"),
     }
 }
+
+/// A real `redis-server` on a free port, owned by the test; killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra `redis-server` arguments (e.g. cluster mode).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let port = free_port();
+        let mut s = RedisServer {
+            port,
+            child: None,
+            dir: temp_dir("redis"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL), as an outage would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: nothing is persisted).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Runs a command with `redis-cli` and returns its trimmed output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts a gateway node on `redis`, with `node_id`.
+pub async fn redis_node(redis: &str, node_id: &str, edit: impl FnOnce(&mut Config)) -> Gateway {
+    let redis = redis.to_string();
+    let node_id = node_id.to_string();
+    Gateway::start_with(move |cfg| {
+        cfg.backplane = danmaku_gateway::config::BackplaneKind::Redis;
+        cfg.redis.url = redis;
+        cfg.server.node_id = node_id;
+        cfg.presence.sync_ms = 100;
+        cfg.presence.node_ttl_s = 2;
+        edit(cfg);
+    })
+    .await
+}
+
+/// Waits until `cond` holds, polling; panics after `limit`.
+pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers added for the single-node core suites (ops, errors, connect, lifecycle,
+// broadcast, http_api). Append-only: the functions above keep their signatures.
+
+/// Raises every rate limit far above what a test sends, so suites that are not about
+/// rate limits never trip one.
+pub fn relax_rate_limits(cfg: &mut Config) {
+    use danmaku_gateway::config::Rate;
+    let lots = || Rate {
+        rate: 100_000.0,
+        burst: 100_000,
+    };
+    cfg.ratelimit.chat = lots();
+    cfg.ratelimit.gift = lots();
+    cfg.ratelimit.grab = lots();
+    cfg.ratelimit.join = lots();
+}
+
+/// Polls `cond` until it holds; panics with `what` after `limit`.
+pub async fn wait_until_for(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`wait_until_for`] with a generous limit (3 × [`WAIT`]).
+pub async fn wait_until(what: &str, cond: impl AsyncFnMut() -> bool) {
+    wait_until_for(what, WAIT * 3, cond).await;
+}
+
+/// The `/metrics` text of the gateway at `addr`.
+pub async fn metrics_text(addr: SocketAddr) -> String {
+    let (status, body) = http_raw(addr, "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Sum of the samples of `series` in a Prometheus text: `series` is a metric name
+/// (matching every label set) or a name with labels as rendered, e.g.
+/// `danmaku_connections_closed_total{code="4010"}`. 0 when absent.
+pub fn metric_in(text: &str, series: &str) -> f64 {
+    let with_labels = series.contains('{');
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let name = key.split('{').next().unwrap_or(key);
+            let hit = if with_labels {
+                key == series
+            } else {
+                name == series
+            };
+            hit.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// The current value of `series` (see [`metric_in`]) at `addr`.
+pub async fn metric(addr: SocketAddr, series: &str) -> f64 {
+    metric_in(&metrics_text(addr).await, series)
+}
+
+/// Ways to open a WebSocket beyond [`Gateway::connect`].
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOpts {
+    /// Offered in `Sec-WebSocket-Protocol`.
+    pub protocol: Option<String>,
+    /// Local address to connect from (e.g. 127.0.0.2 for another client IP).
+    pub local_ip: Option<std::net::IpAddr>,
+    /// `SO_RCVBUF` of the client socket: small = a client whose kernel buffers fill fast.
+    pub recv_buffer: Option<u32>,
+}
+
+impl Gateway {
+    /// Connects with `opts`; the client is MessagePack when `format=msgpack` is in the
+    /// query or the server selected the MessagePack subprotocol.
+    pub async fn connect_opts(
+        &self,
+        query: &str,
+        opts: &ConnectOpts,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::HeaderValue;
+        let socket = if self.addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if let Some(ip) = opts.local_ip {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        if let Some(n) = opts.recv_buffer {
+            socket.set_recv_buffer_size(n)?;
+        }
+        let stream = socket.connect(self.addr).await?;
+        let mut req = self.url(query).into_client_request()?;
+        if let Some(p) = &opts.protocol {
+            req.headers_mut()
+                .insert("sec-websocket-protocol", HeaderValue::from_str(p).unwrap());
+        }
+        let (ws, resp) =
+            tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)).await?;
+        let proto = resp
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap().to_string());
+        let msgpack = query.contains("format=msgpack")
+            || (!query.contains("format=json") && proto.as_deref() == Some("danmaku.v1.msgpack"));
+        Ok(Client {
+            ws,
+            msgpack,
+            hello: Value::Null,
+            protocol: proto,
+        })
+    }
+
+    /// [`Gateway::connect_opts`], then consumes `hello`.
+    pub async fn client_opts(&self, query: &str, opts: &ConnectOpts) -> Client {
+        let mut c = self.connect_opts(query, opts).await.expect("connect");
+        let hello = c.recv().await;
+        assert_eq!(hello["op"], "hello", "{hello}");
+        c.hello = hello;
+        c
+    }
+
+    /// Sends a WebSocket upgrade request by hand and returns the status, the response
+    /// head and the JSON body (read to its Content-Length; `Null` when empty). Exact
+    /// where a WebSocket client may drop a refusal's body.
+    pub async fn upgrade_raw(
+        &self,
+        query: &str,
+        extra_headers: &[(&str, &str)],
+        local_ip: Option<std::net::IpAddr>,
+    ) -> (u16, String, Value) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(ip) = local_ip {
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+        }
+        let mut s = socket.connect(self.addr).await.unwrap();
+        let mut req = format!(
+            "GET /ws{}{} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            if query.is_empty() { "" } else { "?" },
+            query,
+            self.addr
+        );
+        for (k, v) in extra_headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let read = async {
+            loop {
+                if let Some(end) = find(&buf, b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let status: u16 = head
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .expect("status line");
+                    if status == 101 {
+                        return (status, head, Value::Null);
+                    }
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.trim()
+                                .eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse::<usize>().ok())
+                                .flatten()
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        let body = &buf[end + 4..end + 4 + len];
+                        let v = if body.is_empty() {
+                            Value::Null
+                        } else {
+                            serde_json::from_slice(body).unwrap_or_else(|_| {
+                                Value::String(String::from_utf8_lossy(body).into())
+                            })
+                        };
+                        return (status, head, v);
+                    }
+                }
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "connection closed mid-response");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("upgrade response timeout")
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// How a connection ended, as seen by the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// A close frame with this code.
+    Close(u16),
+    /// The stream ended (or errored) without a close frame.
+    Gone,
+}
+
+impl Client {
+    /// The next message of any kind (pings included), or `None` when the stream ended or
+    /// errored; panics after `limit`.
+    pub async fn next_raw(&mut self, limit: Duration) -> Option<Message> {
+        match tokio::time::timeout(limit, self.ws.next()).await {
+            Ok(Some(Ok(m))) => Some(m),
+            Ok(_) => None,
+            Err(_) => panic!("timed out waiting for a message"),
+        }
+    }
+
+    /// Reads until the connection ends: a close frame's code, or [`Ending::Gone`] when the
+    /// stream ended or failed first. Data frames before it are skipped.
+    pub async fn ending(&mut self) -> Ending {
+        loop {
+            match self.next_raw(WAIT * 2).await {
+                Some(Message::Close(Some(f))) => return Ending::Close(u16::from(f.code)),
+                Some(Message::Close(None)) => return Ending::Close(u16::from(WsCloseCode::Status)),
+                Some(_) => {}
+                None => return Ending::Gone,
+            }
+        }
+    }
+
+    /// Decodes a data message in this client's format (`None` for control frames).
+    pub fn decode(&self, msg: &Message) -> Option<Value> {
+        match msg {
+            Message::Text(t) => {
+                assert!(!self.msgpack, "JSON frame on a msgpack connection");
+                Some(serde_json::from_str(t).unwrap())
+            }
+            Message::Binary(b) => {
+                assert!(self.msgpack, "binary frame on a JSON connection");
+                Some(rmp_serde::from_slice(b).unwrap())
+            }
+            _ => None,
+        }
+    }
+
+    /// Sends `ping` with `reference` and collects every frame up to its `pong`
+    /// (exclusive): proves everything sent before the pong has arrived.
+    pub async fn until_pong(&mut self, reference: i64) -> Vec<Value> {
+        self.send(json!({"op":"ping","ref":reference})).await;
+        let mut frames = Vec::new();
+        loop {
+            let v = self.recv().await;
+            if v["op"] == "pong" && v["ref"] == json!(reference) {
+                return frames;
+            }
+            frames.push(v);
+        }
+    }
+
+    /// Closes from the client side and waits for the server's answer (best effort).
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        let _ = tokio::time::timeout(WAIT, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+/// Events of every batch for `room` in `frames`, in order.
+pub fn batch_events(frames: &[Value], room: &str) -> Vec<Value> {
+    frames
+        .iter()
+        .filter(|f| f["op"] == "batch" && f["room"] == room)
+        .flat_map(|f| f["events"].as_array().unwrap().iter().cloned())
+        .collect()
+}
