@@ -137,15 +137,19 @@ pub async fn run(
             ))
         }
     };
-    let redpackets = RedPackets::start(
-        store,
-        hub.clone(),
-        cfg.redpacket.clone(),
-        &stop,
-        &tasks,
-    )
-    .await?;
-    let ratelimits = RateLimits::new(&cfg.ratelimit);
+    let redpackets =
+        RedPackets::start(store, hub.clone(), cfg.redpacket.clone(), &stop, &tasks).await?;
+    let ratelimits = match (&link, &redis) {
+        (Some(link), Some(bp)) => {
+            let bp = Arc::clone(bp);
+            RateLimits::clustered(
+                &cfg.ratelimit,
+                Arc::clone(link),
+                Arc::new(move || bp.live_nodes()),
+            )
+        }
+        _ => RateLimits::new(&cfg.ratelimit),
+    };
     ratelimits.start_sweeper(&stop, &tasks);
     let shared = Arc::new(Shared {
         ratelimits,

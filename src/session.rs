@@ -207,8 +207,8 @@ impl Session {
         let reply = match frame.op {
             ClientOp::Join { room, history } => self.join(room, history).await,
             ClientOp::Leave { room } => self.leave(room).await,
-            ClientOp::Chat { room, text } => self.chat(room, text),
-            ClientOp::Gift { room, gift, count } => self.gift(room, gift, count),
+            ClientOp::Chat { room, text } => self.chat(room, text).await,
+            ClientOp::Gift { room, gift, count } => self.gift(room, gift, count).await,
             ClientOp::Grab { room, packet } => self.grab(room, packet).await,
             ClientOp::Ping => Ok(Reply::Pong),
         };
@@ -216,7 +216,7 @@ impl Session {
     }
 
     async fn join(&mut self, room: RoomId, history: usize) -> Result<Reply, ProtoError> {
-        self.limit(Action::Join)?;
+        self.limit(Action::Join).await?;
         let hub = &self.shared.hub;
         if self.rooms.contains(&room) {
             // Joining again answers `joined` and changes nothing.
@@ -263,16 +263,16 @@ impl Session {
         Ok(Reply::Ack)
     }
 
-    fn chat(&mut self, room: RoomId, text: String) -> Result<Reply, ProtoError> {
+    async fn chat(&mut self, room: RoomId, text: String) -> Result<Reply, ProtoError> {
         let user = self.writer(&room)?;
-        self.limit(Action::Chat)?;
+        self.limit(Action::Chat).await?;
         self.shared
             .hub
             .publish(&room, protocol::EventBody::Chat { user, text });
         Ok(Reply::Ack)
     }
 
-    fn gift(&mut self, room: RoomId, gift: String, count: u32) -> Result<Reply, ProtoError> {
+    async fn gift(&mut self, room: RoomId, gift: String, count: u32) -> Result<Reply, ProtoError> {
         let Some(entry) = self.shared.gifts.get(&gift) else {
             return Err(ProtoError::bad_request(format!(
                 "gift: unknown gift {gift:?}"
@@ -286,7 +286,7 @@ impl Session {
                 format!("gift {gift:?} is paid: it is sent by the backend after billing"),
             ));
         }
-        self.limit(Action::Gift)?;
+        self.limit(Action::Gift).await?;
         self.shared.hub.publish(
             &room,
             protocol::EventBody::Gift {
@@ -300,7 +300,7 @@ impl Session {
 
     async fn grab(&mut self, room: RoomId, packet: String) -> Result<Reply, ProtoError> {
         let user = self.writer(&room)?;
-        self.limit(Action::Grab)?;
+        self.limit(Action::Grab).await?;
         let amount = self.shared.redpackets.grab(&room, &packet, &user).await?;
         Ok(Reply::Grabbed(amount))
     }
@@ -319,10 +319,11 @@ impl Session {
         Ok(user.clone())
     }
 
-    fn limit(&self, action: Action) -> Result<(), ProtoError> {
+    async fn limit(&self, action: Action) -> Result<(), ProtoError> {
         self.shared
             .ratelimits
             .check(action, &self.rate_key, self.ip)
+            .await
     }
 
     /// The room's open red packets for `joined`; a store failure shows none rather than

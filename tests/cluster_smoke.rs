@@ -21,12 +21,18 @@ async fn chat_crosses_nodes_and_presence_sums() {
     let mut got = false;
     for _ in 0..50 {
         n += 1;
-        alice.send(json!({"op":"chat","room":"x","text":format!("hello {n}")})).await;
+        alice
+            .send(json!({"op":"chat","room":"x","text":format!("hello {n}")}))
+            .await;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
         while tokio::time::Instant::now() < deadline {
             if let Ok(v) = tokio::time::timeout(Duration::from_millis(50), bob.recv()).await
                 && v["op"] == "batch"
-                && v["events"].as_array().unwrap().iter().any(|e| e["type"] == "chat" && e["user"]["id"] == "alice")
+                && v["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["type"] == "chat" && e["user"]["id"] == "alice")
             {
                 got = true;
                 break;
@@ -68,22 +74,64 @@ async fn redis_red_packet_across_nodes() {
     for (i, gw) in [&a, &b, &a, &b].into_iter().enumerate() {
         let mut c = gw.user(&format!("u{i}"), "").await;
         let j = c.join("rp").await;
-        let r = c.call(json!({"op":"grab","room":"rp","packet":packet}), 1).await;
+        let r = c
+            .call(json!({"op":"grab","room":"rp","packet":packet}), 1)
+            .await;
         if i < 3 {
             assert_eq!(r["op"], "ack", "{r} {j}");
             total += r["amount"].as_u64().unwrap();
-            let again = c.call(json!({"op":"grab","room":"rp","packet":packet}), 2).await;
+            let again = c
+                .call(json!({"op":"grab","room":"rp","packet":packet}), 2)
+                .await;
             assert_eq!(again["code"], "already_grabbed");
         } else {
             assert_eq!(r["code"], "packet_empty", "{r}");
         }
     }
     assert_eq!(total, 1000);
-    let (_, status) = b.api("GET", &format!("/api/v1/redpackets/{packet}"), None).await;
+    let (_, status) = b
+        .api("GET", &format!("/api/v1/redpackets/{packet}"), None)
+        .await;
     assert_eq!(status["grabbed"], 3);
     assert_eq!(status["total_grabbed"], 1000);
     let stream = danmaku_gateway::redpacket::redis::settlement_stream(&packet).unwrap();
     assert_eq!(redis.cli(&["XLEN", &stream]), "3");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn one_chat_budget_across_nodes() {
+    let redis = RedisServer::start();
+    let limit = |cfg: &mut danmaku_gateway::config::Config| {
+        cfg.ratelimit.chat = danmaku_gateway::config::Rate {
+            rate: 0.1,
+            burst: 4,
+        };
+    };
+    let a = redis_node(&redis.url(), "node-a", limit).await;
+    let b = redis_node(&redis.url(), "node-b", limit).await;
+    // Let presence see both nodes, so each takes half a share.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut on_a = a.user("eve", "").await;
+    let mut on_b = b.user("eve", "").await;
+    on_a.join("rl").await;
+    on_b.join("rl").await;
+    let mut acked = 0;
+    let mut limited = 0;
+    for i in 0..12 {
+        let c = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        let r = c.call(json!({"op":"chat","room":"rl","text":"x"}), i).await;
+        match r["op"].as_str() {
+            Some("ack") => acked += 1,
+            _ => {
+                assert_eq!(r["code"], "rate_limited", "{r}");
+                limited += 1;
+            }
+        }
+    }
+    // One budget of 4 for the user, plus at most one node's outstanding share.
+    assert!((4..=6).contains(&acked), "acked {acked}, limited {limited}");
     a.stop().await;
     b.stop().await;
 }

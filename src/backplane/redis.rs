@@ -83,6 +83,8 @@ pub struct RedisBackplane {
     /// Members on other live nodes per room, refreshed by the presence task.
     remote: DashMap<RoomId, u64>,
     subscribed_up: AtomicBool,
+    /// Live nodes (this one included) at the last presence sync.
+    live_nodes: std::sync::atomic::AtomicUsize,
 }
 
 impl RedisBackplane {
@@ -105,7 +107,13 @@ impl RedisBackplane {
             interest_rx,
             remote: DashMap::new(),
             subscribed_up: AtomicBool::new(false),
+            live_nodes: std::sync::atomic::AtomicUsize::new(1),
         })
+    }
+
+    /// Live gateway nodes (at least this one), as of the last presence sync.
+    pub fn live_nodes(&self) -> usize {
+        self.live_nodes.load(Ordering::Acquire)
     }
 
     /// Starts the publisher, subscriber and presence tasks.
@@ -372,6 +380,7 @@ impl RedisBackplane {
             .await
             .map(|(_, live): (Value, Vec<String>)| ((), live))?;
         let live: HashSet<String> = live.into_iter().collect();
+        self.live_nodes.store(live.len().max(1), Ordering::Release);
         let rooms = hub.local_rooms();
         let mut pipe = redis::pipe();
         let mut read = Vec::new();
