@@ -58,12 +58,19 @@ pub struct Conn {
     pub id: ConnId,
     pub format: Format,
     /// Bounded: the slow-consumer policy applies when it is full.
-    tx: flume::Sender<Message>,
+    tx: flume::Sender<Outbound>,
     /// Close code requested by a shard (0 = none); the session reads it when notified.
     close: AtomicU16,
     /// Wakes the session when `close` is set; `notify_one` keeps a permit, so a kill that
     /// lands before the session waits is not lost.
     notify: Notify,
+}
+
+/// One frame in a member's outbound queue.
+pub struct Outbound {
+    pub msg: Message,
+    /// When the oldest event in it was accepted, for the end-to-end latency histogram.
+    pub accepted: Instant,
 }
 
 /// Outcome of queueing one frame to a member.
@@ -77,7 +84,7 @@ pub enum Push {
 
 impl Conn {
     /// A connection and the receiving end of its outbound queue (capacity `queue`).
-    pub fn new(id: ConnId, format: Format, queue: usize) -> (Arc<Conn>, flume::Receiver<Message>) {
+    pub fn new(id: ConnId, format: Format, queue: usize) -> (Arc<Conn>, flume::Receiver<Outbound>) {
         let (tx, rx) = flume::bounded(queue);
         let conn = Arc::new(Conn {
             id,
@@ -90,8 +97,11 @@ impl Conn {
     }
 
     /// Queues `msg` without waiting; applies the slow-consumer policy when full.
-    pub fn push(&self, msg: &Message, droppable: bool) -> Push {
-        match self.tx.try_send(msg.clone()) {
+    pub fn push(&self, msg: &Message, accepted: Instant, droppable: bool) -> Push {
+        match self.tx.try_send(Outbound {
+            msg: msg.clone(),
+            accepted,
+        }) {
             Ok(()) => Push::Queued,
             Err(flume::TrySendError::Disconnected(_)) => Push::Gone,
             Err(flume::TrySendError::Full(_)) if droppable => Push::Dropped,
@@ -131,17 +141,20 @@ pub struct Batch {
     pub events: Vec<Arc<Event>>,
     /// True when every event may be dropped for a slow consumer.
     pub droppable: bool,
+    /// When the window's first event was accepted on this node.
+    pub accepted: Instant,
     json: OnceLock<Message>,
     msgpack: OnceLock<Message>,
 }
 
 impl Batch {
-    pub fn new(room: RoomId, events: Vec<Arc<Event>>) -> Self {
+    pub fn new(room: RoomId, events: Vec<Arc<Event>>, accepted: Instant) -> Self {
         let droppable = events.iter().all(|e| e.body.droppable());
         Self {
             room,
             events,
             droppable,
+            accepted,
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
         }
@@ -185,6 +198,8 @@ struct RoomState {
     history: VecDeque<Arc<Event>>,
     /// Whether the room is on its flusher's dirty list.
     dirty: bool,
+    /// When the first event of the current window was accepted.
+    window_started: Option<Instant>,
     /// Online count last announced by a `presence` event.
     presence_sent: u64,
     /// Last join, leave or event: an empty room is forgotten `idle_ttl_s` after this.
@@ -301,6 +316,7 @@ impl Hub {
                     local: Vec::new(),
                     history: VecDeque::new(),
                     dirty: false,
+                    window_started: None,
                     presence_sent: 0,
                     last_active: Instant::now(),
                     gifts: HashMap::new(),
@@ -485,6 +501,9 @@ impl Hub {
     /// Puts `r` on its flusher's dirty list (once per window); consumes the room guard so
     /// the dirty-list lock is never taken under it.
     fn mark_dirty(&self, r: &Arc<Room>, mut st: std::sync::MutexGuard<'_, RoomState>) {
+        if st.window_started.is_none() {
+            st.window_started = Some(Instant::now());
+        }
         if st.dirty {
             return;
         }
@@ -533,9 +552,10 @@ impl Hub {
         let dirty = std::mem::take(&mut *self.0.dirty[index].lock().expect("dirty lock"));
         let hot = metrics::hot();
         for room in dirty {
-            let events: Vec<Arc<Event>> = {
+            let (events, accepted) = {
                 let mut st = room.state.lock().expect("room lock");
                 st.dirty = false;
+                let accepted = st.window_started.take().unwrap_or_else(Instant::now);
                 st.gifts.clear();
                 let events: Vec<Arc<Event>> = st.pending.drain(..).map(Arc::new).collect();
                 let local: Vec<Arc<Event>> = events
@@ -557,14 +577,14 @@ impl Hub {
                         st.history.push_back(Arc::clone(e));
                     }
                 }
-                events
+                (events, accepted)
             };
             if events.is_empty() {
                 continue;
             }
             hot.batches.increment(1);
             hot.batch_events.record(events.len() as f64);
-            let batch = Arc::new(Batch::new(room.id.clone(), events));
+            let batch = Arc::new(Batch::new(room.id.clone(), events, accepted));
             for (shard, members) in room.per_shard.iter().enumerate() {
                 if members.load(Ordering::Acquire) > 0 {
                     let _ = self.0.shards[shard]
@@ -651,7 +671,7 @@ async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: CancellationToken)
                         Format::Msgpack => &mut msgpack,
                     };
                     let msg = *slot.get_or_insert_with(|| batch.message(conn.format));
-                    match conn.push(msg, batch.droppable) {
+                    match conn.push(msg, batch.accepted, batch.droppable) {
                         Push::Queued => queued += 1,
                         Push::Dropped => dropped += 1,
                         Push::Killed | Push::Gone => {}

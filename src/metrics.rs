@@ -31,6 +31,7 @@ pub const EVENTS_DROPPED: &str = "danmaku_events_dropped_total";
 pub const BATCHES: &str = "danmaku_batches_total";
 pub const BATCH_EVENTS: &str = "danmaku_batch_events";
 pub const DELIVERIES: &str = "danmaku_deliveries_total";
+pub const BROADCAST_LATENCY: &str = "danmaku_broadcast_latency_seconds";
 pub const OUTBOUND_DROPPED: &str = "danmaku_outbound_dropped_total";
 pub const ERRORS: &str = "danmaku_errors_total";
 pub const RATE_LIMITED: &str = "danmaku_rate_limited_total";
@@ -65,6 +66,8 @@ pub struct Hot {
     pub batches: Counter,
     pub batch_events: Histogram,
     pub deliveries: Counter,
+    /// Event accepted → frame written (oldest frame of each flush).
+    pub broadcast_latency: Histogram,
     pub outbound_dropped: Counter,
     pub events_dropped: Counter,
     closed: [Counter; 7],
@@ -107,6 +110,19 @@ pub fn refused(reason: &'static str) {
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+
+/// Refreshes the process metrics (CPU seconds, resident memory, open fds, threads);
+/// called on every scrape, so they are as fresh as the scrape.
+pub fn collect_process() {
+    PROCESS
+        .get_or_init(|| {
+            let c = metrics_process::Collector::default();
+            c.describe();
+            c
+        })
+        .collect();
+}
 static HOT: OnceLock<Hot> = OnceLock::new();
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
@@ -154,6 +170,7 @@ pub fn hot() -> &'static Hot {
             batches: counter!(BATCHES),
             batch_events: histogram!(BATCH_EVENTS),
             deliveries: counter!(DELIVERIES),
+            broadcast_latency: histogram!(BROADCAST_LATENCY),
             outbound_dropped: counter!(OUTBOUND_DROPPED),
             events_dropped: counter!(EVENTS_DROPPED),
             closed: [
@@ -198,6 +215,10 @@ fn describe() {
     describe_counter!(BATCHES, "Batches flushed (one per room per window).");
     describe_histogram!(BATCH_EVENTS, "Events per flushed batch.");
     describe_counter!(DELIVERIES, "Batch frames queued to members.");
+    describe_histogram!(
+        BROADCAST_LATENCY,
+        "Seconds from an event accepted (first of its window) to its frame written to a member."
+    );
     describe_counter!(
         OUTBOUND_DROPPED,
         "Batch frames dropped for slow consumers (chat/presence only)."

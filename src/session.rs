@@ -19,7 +19,7 @@ use futures_util::SinkExt;
 use tokio::time::Instant;
 
 use crate::admission::Ticket;
-use crate::hub::{Conn, JoinError};
+use crate::hub::{Conn, JoinError, Outbound};
 use crate::metrics::{self, CloseReason};
 use crate::protocol::{
     self, ClientOp, CloseCode, ErrorCode, Format, ProtoError, RoomId, ServerFrame, User,
@@ -119,7 +119,7 @@ impl Session {
     async fn serve(
         &mut self,
         ws: &mut WebSocket,
-        outbound: &flume::Receiver<Message>,
+        outbound: &flume::Receiver<Outbound>,
         room: Option<RoomId>,
     ) -> Result<(), End> {
         let conn_label = format!("{}:{}", self.shared.hub.node(), self.conn.id);
@@ -403,21 +403,25 @@ impl Session {
     }
 
     /// Writes `first` and whatever else is queued (up to a cap) with one flush.
+    /// Writes `first` and whatever else is queued (up to a cap) with one flush, and
+    /// observes the end-to-end latency of the oldest frame written (one observation per
+    /// flush keeps the hot path cheap and errs on the slow side).
     async fn write_queued(
         &self,
         ws: &mut WebSocket,
-        first: Message,
-        outbound: &flume::Receiver<Message>,
+        first: Outbound,
+        outbound: &flume::Receiver<Outbound>,
     ) -> Result<(), End> {
         let mut frames = 1u64;
-        let mut bytes = payload_len(&first);
+        let mut bytes = payload_len(&first.msg);
+        let oldest = first.accepted;
         self.guarded(async {
-            ws.feed(first).await?;
+            ws.feed(first.msg).await?;
             while (frames as usize) < MAX_FRAMES_PER_FLUSH {
                 let Ok(next) = outbound.try_recv() else { break };
-                bytes += payload_len(&next);
+                bytes += payload_len(&next.msg);
                 frames += 1;
-                ws.feed(next).await?;
+                ws.feed(next.msg).await?;
             }
             ws.flush().await
         })
@@ -425,6 +429,7 @@ impl Session {
         let hot = metrics::hot();
         hot.frames_out.increment(frames);
         hot.bytes_out.increment(bytes);
+        hot.broadcast_latency.record(oldest.elapsed().as_secs_f64());
         Ok(())
     }
 
