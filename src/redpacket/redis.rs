@@ -34,7 +34,8 @@ const INFLIGHT_TTL_MS: u64 = 5_000;
 /// The hash tag of `packet`'s keys (`rp3-...` → `{rp3}`).
 fn tag(packet: &str) -> Option<&str> {
     let group = packet.split('-').next()?;
-    (group.starts_with("rp") && group.len() > 2 && group[2..].bytes().all(|b| b.is_ascii_digit())).then_some(group)
+    (group.starts_with("rp") && group.len() > 2 && group[2..].bytes().all(|b| b.is_ascii_digit()))
+        .then_some(group)
 }
 
 fn key(packet: &str, part: &str) -> Option<String> {
@@ -120,11 +121,17 @@ impl RedisStore {
 
     /// A fresh packet id in a random hash-tag group.
     pub fn packet_id(node: &str) -> String {
-        format!("rp{}-{node}-{:016x}", rand::random_range(0..GROUPS), rand::random::<u64>())
+        format!(
+            "rp{}-{node}-{:016x}",
+            rand::random_range(0..GROUPS),
+            rand::random::<u64>()
+        )
     }
 
     fn conn(&self) -> Result<crate::redis_link::Conn, StoreError> {
-        self.link.conn().ok_or_else(|| StoreError("redis is unreachable".into()))
+        self.link
+            .conn()
+            .ok_or_else(|| StoreError("redis is unreachable".into()))
     }
 
     fn fail(&self, e: redis::RedisError) -> StoreError {
@@ -136,7 +143,12 @@ impl RedisStore {
 }
 
 fn keys(packet: &str) -> Option<[String; 4]> {
-    Some([key(packet, "meta")?, key(packet, "amounts")?, key(packet, "grabs")?, key(packet, "inflight")?])
+    Some([
+        key(packet, "meta")?,
+        key(packet, "amounts")?,
+        key(packet, "grabs")?,
+        key(packet, "inflight")?,
+    ])
 }
 
 #[async_trait]
@@ -146,7 +158,8 @@ impl Store for RedisStore {
     }
 
     async fn create(&self, p: NewPacket) -> Result<(), StoreError> {
-        let [meta, amounts, _, _] = keys(&p.packet).ok_or_else(|| StoreError("bad packet id".into()))?;
+        let [meta, amounts, _, _] =
+            keys(&p.packet).ok_or_else(|| StoreError("bad packet id".into()))?;
         let mut conn = self.conn()?;
         let expire_at = p.expires_at + self.retain_ms;
         let mut pipe = redis::pipe();
@@ -170,8 +183,15 @@ impl Store for RedisStore {
             ])
             .ignore();
         pipe.cmd("PEXPIREAT").arg(&meta).arg(expire_at).ignore();
-        pipe.cmd("SADD").arg(room_index(&p.room)).arg(&p.packet).ignore();
-        pipe.cmd("ZADD").arg(OPEN_KEY).arg(p.expires_at).arg(&p.packet).ignore();
+        pipe.cmd("SADD")
+            .arg(room_index(&p.room))
+            .arg(&p.packet)
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg(OPEN_KEY)
+            .arg(p.expires_at)
+            .arg(&p.packet)
+            .ignore();
         conn.pipe::<()>(&pipe).await.map_err(|e| self.fail(e))
     }
 
@@ -268,7 +288,10 @@ impl Store for RedisStore {
                         )
                         .await;
                 }
-                Ok(Grabbed { amount: int(1), done })
+                Ok(Grabbed {
+                    amount: int(1),
+                    done,
+                })
             }
             "not_found" => Err(GrabError::NotFound),
             "already" => Err(GrabError::AlreadyGrabbed),
@@ -310,14 +333,31 @@ impl Store for RedisStore {
             return Ok(None);
         };
         let mut conn = self.conn()?;
-        let (fields, left, grab_values): (std::collections::HashMap<String, String>, u64, Vec<String>) = conn
-            .pipe(redis::pipe().cmd("HGETALL").arg(&meta).cmd("LLEN").arg(&amounts).cmd("HVALS").arg(&grabs))
+        let (fields, left, grab_values): (
+            std::collections::HashMap<String, String>,
+            u64,
+            Vec<String>,
+        ) = conn
+            .pipe(
+                redis::pipe()
+                    .cmd("HGETALL")
+                    .arg(&meta)
+                    .cmd("LLEN")
+                    .arg(&amounts)
+                    .cmd("HVALS")
+                    .arg(&grabs),
+            )
             .await
             .map_err(|e| self.fail(e))?;
         if fields.is_empty() {
             return Ok(None);
         }
-        let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let num = |k: &str| {
+            fields
+                .get(k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         #[derive(serde::Deserialize)]
         struct G {
             user: User,
@@ -358,9 +398,21 @@ impl Store for RedisStore {
         let now = now_ms();
         let mut open = Vec::new();
         for id in ids {
-            let Some([meta, amounts, _, _]) = keys(&id) else { continue };
-            let (m, left): ((Option<String>, Option<String>, Option<u64>, Option<u32>, Option<u64>, Option<String>), u64) =
-                conn.pipe(
+            let Some([meta, amounts, _, _]) = keys(&id) else {
+                continue;
+            };
+            let (m, left): (
+                (
+                    Option<String>,
+                    Option<String>,
+                    Option<u64>,
+                    Option<u32>,
+                    Option<u64>,
+                    Option<String>,
+                ),
+                u64,
+            ) = conn
+                .pipe(
                     redis::pipe()
                         .cmd("HMGET")
                         .arg(&meta)
@@ -370,11 +422,20 @@ impl Store for RedisStore {
                 )
                 .await
                 .map_err(|e| self.fail(e))?;
-            let (Some(r), Some(sender), Some(total), Some(shares), Some(expires_at), expired) = m else { continue };
-            if r != room.as_str() || left == 0 || expired.as_deref() == Some("1") || now >= expires_at {
+            let (Some(r), Some(sender), Some(total), Some(shares), Some(expires_at), expired) = m
+            else {
+                continue;
+            };
+            if r != room.as_str()
+                || left == 0
+                || expired.as_deref() == Some("1")
+                || now >= expires_at
+            {
                 continue;
             }
-            let Ok(user) = serde_json::from_str::<User>(&sender) else { continue };
+            let Ok(user) = serde_json::from_str::<User>(&sender) else {
+                continue;
+            };
             open.push(OpenPacket {
                 packet: id,
                 user,
@@ -394,7 +455,13 @@ impl Store for RedisStore {
             return Ok(Vec::new());
         };
         let pairs: Vec<(String, u64)> = conn
-            .query(redis::cmd("ZRANGE").arg(OPEN_KEY).arg(0).arg(-1).arg("WITHSCORES"))
+            .query(
+                redis::cmd("ZRANGE")
+                    .arg(OPEN_KEY)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES"),
+            )
             .await
             .map_err(|e| self.fail(e))?;
         Ok(pairs)
