@@ -27,6 +27,7 @@
 //! | [`metrics`] | every metric's name and description, hot-path handles |
 //! | [`server`] | wiring, serving, graceful drain |
 //! | [`shutdown`] | the signals that start a drain |
+//! | [`web`] | the demo page at `/` and the browser client, embedded; dev-token helpers |
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -43,3 +44,4 @@ pub mod redpacket;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod web;

@@ -1,0 +1,493 @@
+// The live demo page: danmaku over a "stream", chat, gifts with combos, red packets.
+// URL parameters: room (default "demo"), token (a JWT; without one the page asks the
+// gateway for a dev token when [web] dev_tokens is on, else watches anonymously),
+// name (display name for the dev token), format (json | msgpack).
+
+import { DanmakuClient } from '/danmaku-client.js';
+
+const $ = (/** @type {string} */ id) => /** @type {HTMLElement} */ (document.getElementById(id));
+const params = new URLSearchParams(location.search);
+const ROOM = /^[A-Za-z0-9_.:-]{1,64}$/.test(params.get('room') ?? '') ? String(params.get('room')) : 'demo';
+const FORMAT = params.get('format') === 'msgpack' ? 'msgpack' : 'json';
+const NAME = (params.get('name') ?? '').trim() || `Viewer-${1000 + Math.floor(Math.random() * 9000)}`;
+const GIFTS = /** @type {Record<string, string>} */ ({ rose: 'Rose', heart: 'Heart' });
+const COMBO_WINDOW_MS = 3000;
+
+const money = (/** @type {number} */ cents) => `${(cents / 100).toFixed(2)}`;
+
+// ---------------------------------------------------------------------------------------
+// Danmaku: lanes, no overlap within a lane, speed by text length.
+
+class DanmakuStage {
+  /** @param {HTMLElement} layer */
+  constructor(layer) {
+    this.layer = layer;
+    this.laneHeight = 36;
+    this.topMargin = 50;
+    this.gap = 24; // px between two comments of one lane
+    /** @type {Array<{ t0: number, v: number, w: number } | undefined>} */
+    this.lanes = [];
+    /** @type {Array<{ text: string, who?: string, cls: string[] }>} */
+    this.queue = [];
+    this.timer = 0;
+    this.colors = 0;
+    this.measure = document.createElement('div');
+    this.measure.className = 'danmaku danmaku-measure';
+    layer.appendChild(this.measure);
+  }
+
+  /** @param {string} text @param {{ who?: string, self?: boolean, system?: boolean }} [opts] */
+  add(text, opts = {}) {
+    const cls = ['danmaku'];
+    if (opts.self) cls.push('self');
+    else if (opts.system) cls.push('system');
+    else if (this.colors++ % 3 === 0) cls.push(`c${1 + Math.floor(Math.random() * 4)}`);
+    // Your own comment goes first: you want to see it fly right away.
+    if (opts.self) this.queue.unshift({ text, who: opts.who, cls });
+    else this.queue.push({ text, who: opts.who, cls });
+    // A flood cannot pile up forever: keep the newest (own comments first).
+    while (this.queue.length > 80) {
+      const i = this.queue.findIndex((q) => !q.cls.includes('self'));
+      this.queue.splice(i < 0 ? 0 : i, 1);
+    }
+    this.pump();
+  }
+
+  /** @param {HTMLElement} el @param {{ text: string, who?: string }} item */
+  fill(el, item) {
+    el.textContent = '';
+    if (item.who) {
+      const who = document.createElement('span');
+      who.className = 'who';
+      who.textContent = item.who;
+      el.appendChild(who);
+    }
+    el.appendChild(document.createTextNode(item.text));
+  }
+
+  pump() {
+    clearTimeout(this.timer);
+    const W = this.layer.clientWidth;
+    const H = this.layer.clientHeight;
+    // The top ~70% of the stage: gift toasts and the combo live below the lanes.
+    const laneCount = Math.max(1, Math.floor((H * 0.7 - this.topMargin) / this.laneHeight));
+    while (this.queue.length) {
+      const item = this.queue[0];
+      this.measure.className = item.cls.join(' ') + ' danmaku-measure';
+      this.fill(this.measure, item);
+      const w = this.measure.offsetWidth;
+      this.measure.textContent = '';
+      // Every comment crosses in ~8 s (a bit less on narrow screens), so a longer text
+      // moves faster, as on the big danmaku sites.
+      const duration = Math.max(5000, Math.min(9000, 6000 + W * 2.5));
+      const v = (W + w) / duration; // px per ms
+      const now = performance.now();
+      const lane = this.freeLane(laneCount, now, W, w, v);
+      if (lane < 0) {
+        this.timer = window.setTimeout(() => this.pump(), 120);
+        return;
+      }
+      this.queue.shift();
+      this.lanes[lane] = { t0: now, v, w };
+      const el = document.createElement('div');
+      el.className = item.cls.join(' ');
+      this.fill(el, item);
+      el.style.top = `${this.topMargin + lane * this.laneHeight}px`;
+      el.dataset.lane = String(lane);
+      this.layer.appendChild(el);
+      const anim = el.animate(
+        [{ transform: `translateX(${W}px)` }, { transform: `translateX(${-w - 4}px)` }],
+        { duration: (W + w) / v, easing: 'linear' },
+      );
+      anim.onfinish = () => el.remove();
+    }
+  }
+
+  /**
+   * The first lane a comment of width w and speed v can enter now without touching the
+   * previous comment of that lane, ever: its tail must have entered the stage (plus a
+   * gap), and, when we are faster, it must be gone before our head reaches the left edge.
+   * @returns {number} lane index, or -1 when every lane is busy
+   */
+  freeLane(/** @type {number} */ laneCount, /** @type {number} */ now, /** @type {number} */ W, /** @type {number} */ w, /** @type {number} */ v) {
+    for (let i = 0; i < laneCount; i++) {
+      const p = this.lanes[i];
+      if (!p) return i;
+      const tailIn = p.t0 + (p.w + this.gap) / p.v;
+      if (now < tailIn) continue;
+      if (v > p.v && now + W / v < p.t0 + (W + p.w + this.gap) / p.v) continue;
+      return i;
+    }
+    return -1;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Page state and rendering
+
+const stage = new DanmakuStage($('danmaku-layer'));
+const chatLog = /** @type {HTMLOListElement} */ ($('chat-log'));
+const chatInput = /** @type {HTMLInputElement} */ ($('chat-input'));
+const chatSend = /** @type {HTMLButtonElement} */ ($('chat-send'));
+const giftButtons = /** @type {HTMLButtonElement[]} */ ([...document.querySelectorAll('.gift-btn')]);
+const devRedpacket = /** @type {HTMLButtonElement} */ ($('dev-redpacket'));
+/** @type {string | null} */
+let myId = null;
+
+$('room-name').textContent = ROOM;
+$('stage-room').textContent = ROOM;
+document.title = `${ROOM} · Danmaku live demo`;
+
+/** @param {string} text @param {boolean} [bad] */
+function notice(text, bad = false) {
+  const el = $('notice');
+  el.textContent = text;
+  el.classList.toggle('bad', bad);
+}
+
+/** @param {string} cls @param {string | null} who @param {string} text @param {boolean} [history] */
+function logLine(cls, who, text, history = false) {
+  const li = document.createElement('li');
+  if (cls) li.className = cls;
+  if (history) li.classList.add('history');
+  if (who) {
+    const w = document.createElement('span');
+    w.className = 'who';
+    w.textContent = who;
+    li.appendChild(w);
+  }
+  li.appendChild(document.createTextNode(text));
+  chatLog.appendChild(li);
+  while (chatLog.children.length > 150) chatLog.firstElementChild?.remove();
+  chatLog.scrollTop = chatLog.scrollHeight;
+}
+
+/** @param {any} err */
+function describe(err) {
+  switch (err?.code) {
+    case 'rate_limited':
+      return `Slow down: try again in ${((err.retryAfterMs ?? 1000) / 1000).toFixed(1)} s`;
+    case 'unauthorized':
+      return 'Read-only viewer: open the page with ?token=… to take part';
+    case 'too_large':
+      return 'That message is too long';
+    case 'already_grabbed':
+      return 'You already grabbed this one';
+    case 'packet_empty':
+      return 'Too late: every share is gone';
+    case 'packet_expired':
+      return 'This red packet has expired';
+    case 'busy':
+      return 'Busy, try again';
+    case 'disconnected':
+    case 'timeout':
+      return 'Connection trouble, try again';
+    default:
+      return err?.message ?? String(err);
+  }
+}
+
+// Status indicator --------------------------------------------------------------------
+/** @type {number | undefined} */
+let countdown;
+/** @param {string} status @param {any} detail */
+function renderStatus(status, detail) {
+  const el = $('status');
+  el.dataset.status = status;
+  clearInterval(countdown);
+  const text = $('status-text');
+  if (status === 'open') text.textContent = 'live';
+  else if (status === 'connecting') text.textContent = 'connecting…';
+  else if (status === 'closed') text.textContent = 'disconnected';
+  else if (status === 'reconnecting') {
+    const until = Date.now() + (detail?.delayMs ?? 0);
+    const tick = () => {
+      const s = Math.max(0, (until - Date.now()) / 1000);
+      text.textContent = s > 0.05 ? `reconnecting in ${s.toFixed(1)} s` : 'reconnecting…';
+    };
+    tick();
+    countdown = window.setInterval(tick, 100);
+  } else text.textContent = status;
+}
+
+// Gifts and combos ----------------------------------------------------------------------
+/** Own clicks: gift → { count, timer } */
+const myCombo = { gift: '', count: 0, timer: 0 };
+function showMyCombo(/** @type {string} */ gift) {
+  if (myCombo.gift !== gift) {
+    myCombo.gift = gift;
+    myCombo.count = 0;
+  }
+  myCombo.count++;
+  const combo = $('combo');
+  $('combo-icon').className = `gift-icon ${gift}`;
+  $('combo-name').textContent = GIFTS[gift] ?? gift;
+  const count = $('combo-count');
+  count.textContent = `×${myCombo.count}`;
+  count.classList.remove('bump');
+  void count.offsetWidth; // restart the animation
+  count.classList.add('bump');
+  combo.hidden = false;
+  for (const b of giftButtons) {
+    const badge = /** @type {HTMLElement} */ (b.querySelector('.gift-badge'));
+    badge.hidden = b.dataset.gift !== gift;
+    if (b.dataset.gift === gift) badge.textContent = `×${myCombo.count}`;
+  }
+  clearTimeout(myCombo.timer);
+  myCombo.timer = window.setTimeout(() => {
+    combo.hidden = true;
+    myCombo.count = 0;
+    myCombo.gift = '';
+    for (const b of giftButtons) /** @type {HTMLElement} */ (b.querySelector('.gift-badge')).hidden = true;
+  }, COMBO_WINDOW_MS);
+}
+
+/** Everyone's gifts: one toast per (user, gift) whose count grows while gifts keep coming. */
+const toasts = new Map();
+/** @param {import('./danmaku-client.js').GiftEvent} ev */
+function giftToast(ev) {
+  const key = `${ev.user.id}/${ev.gift}`;
+  let t = toasts.get(key);
+  if (!t) {
+    const el = document.createElement('div');
+    el.className = 'gift-toast';
+    const who = document.createElement('strong');
+    who.textContent = ev.user.name;
+    const icon = document.createElement('span');
+    icon.className = `gift-icon ${ev.gift}`;
+    const name = document.createElement('span');
+    name.textContent = `sent ${GIFTS[ev.gift] ?? ev.gift}`;
+    const count = document.createElement('span');
+    count.className = 'count';
+    el.append(who, name, icon, count);
+    $('gift-toasts').appendChild(el);
+    t = { el, count, total: 0, timer: 0 };
+    toasts.set(key, t);
+    const all = $('gift-toasts');
+    while (all.children.length > 4) {
+      const first = /** @type {HTMLElement} */ (all.firstElementChild);
+      for (const [k, v] of toasts) if (v.el === first) toasts.delete(k);
+      first.remove();
+    }
+  }
+  t.total += ev.count;
+  t.count.textContent = `×${t.total}`;
+  clearTimeout(t.timer);
+  t.timer = window.setTimeout(() => {
+    t.el.remove();
+    toasts.delete(key);
+  }, COMBO_WINDOW_MS + 1000);
+}
+
+// Red packets -----------------------------------------------------------------------------
+/** @type {{ packet: string, sender: string, total: number, shares: number, grabbed: number, done: boolean, mine: number | null, hideTimer: number } | null} */
+let packet = null;
+const banner = $('redpacket-banner');
+const grabButton = /** @type {HTMLButtonElement} */ ($('rp-grab'));
+
+function renderPacket() {
+  if (!packet) {
+    banner.hidden = true;
+    return;
+  }
+  banner.hidden = false;
+  banner.dataset.packet = packet.packet;
+  $('rp-title').textContent = `${packet.sender} sent a red packet: ${money(packet.total)}`;
+  $('rp-progress').textContent = packet.done
+    ? `All done: ${packet.grabbed}/${packet.shares} shares taken`
+    : `${packet.grabbed}/${packet.shares} shares taken`;
+  grabButton.disabled = packet.done || packet.mine !== null || !myId;
+  grabButton.textContent = packet.mine !== null ? 'Grabbed' : packet.done ? 'Gone' : 'Grab';
+  grabButton.title = myId ? '' : 'Read-only viewers cannot grab';
+}
+
+/** @param {string} text @param {boolean} good */
+function packetResult(text, good) {
+  const el = $('rp-result');
+  el.hidden = false;
+  el.textContent = text;
+  el.classList.toggle('bad', !good);
+}
+
+/** @param {{ packet: string, user: { name: string }, total: number, shares: number, remaining?: number }} p */
+function showPacket(p) {
+  if (packet?.packet === p.packet) return;
+  if (packet) clearTimeout(packet.hideTimer);
+  packet = {
+    packet: p.packet,
+    sender: p.user.name,
+    total: p.total,
+    shares: p.shares,
+    grabbed: p.remaining === undefined ? 0 : p.shares - p.remaining,
+    done: false,
+    mine: null,
+    hideTimer: 0,
+  };
+  $('rp-result').hidden = true;
+  renderPacket();
+}
+
+grabButton.addEventListener('click', async () => {
+  if (!packet || !myId) return;
+  const current = packet;
+  grabButton.disabled = true;
+  try {
+    const amount = await client.grab(ROOM, current.packet);
+    current.mine = amount;
+    if (packet === current) packetResult(`You got ${money(amount)}!`, true);
+  } catch (e) {
+    if (packet === current) packetResult(describe(e), false);
+    if (/** @type {any} */ (e).code === 'already_grabbed') current.mine = 0;
+  }
+  if (packet === current) renderPacket();
+});
+
+// ---------------------------------------------------------------------------------------
+// Connection
+
+/** @type {{ token: string, exp: number } | null} */
+let devToken = null;
+let devMode = false;
+
+async function fetchDevToken() {
+  const r = await fetch(`/dev/token?name=${encodeURIComponent(NAME)}`, { cache: 'no-store' });
+  if (r.status === 404) return null;
+  if (!r.ok) throw new Error(`dev token: HTTP ${r.status}`);
+  return /** @type {{ token: string, exp: number }} */ (await r.json());
+}
+
+/** The token for each (re)connect: the URL's, else a dev token refreshed before it expires. */
+async function token() {
+  if (params.get('token')) return params.get('token');
+  if (!devMode) return null;
+  if (!devToken || devToken.exp * 1000 - Date.now() < 60_000) devToken = await fetchDevToken();
+  return devToken?.token ?? null;
+}
+
+if (!params.get('token')) {
+  try {
+    devToken = await fetchDevToken();
+    devMode = devToken !== null;
+  } catch {
+    devMode = false;
+  }
+}
+devRedpacket.hidden = !devMode;
+
+const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+const client = new DanmakuClient({ url: wsUrl, token, format: FORMAT });
+/** @type {any} */ (window).danmaku = client; // for the console (and the e2e test)
+
+client.on('status', renderStatus);
+client.on('open', (hello) => {
+  myId = hello.user?.id ?? null;
+  $('me').textContent = hello.user ? hello.user.name : 'an anonymous viewer (read-only)';
+  const canWrite = myId !== null;
+  chatInput.disabled = !canWrite;
+  chatSend.disabled = !canWrite;
+  chatInput.placeholder = canWrite
+    ? 'Say something — it flies across the stream'
+    : 'Read-only: open with ?token=… to chat';
+  for (const b of giftButtons) b.disabled = !canWrite;
+  renderPacket();
+});
+client.on('online', (room, n) => {
+  if (room === ROOM) $('online').textContent = String(n);
+});
+client.on('joined', (joined, meta) => {
+  if (meta.rejoin) logLine('sys', null, meta.resync ? 'Reconnected (resynced)' : 'Reconnected');
+  for (const p of joined.redpackets ?? []) showPacket(p);
+});
+client.on('error', (e) => notice(describe(e), true));
+
+client.on('chat', (ev, meta) => {
+  const self = ev.user.id === myId;
+  logLine(self ? 'self' : '', ev.user.name, ev.text, meta.history);
+  if (!meta.history) stage.add(ev.text, { self });
+});
+/** The last gift line of the chat log, extended while the same user sends the same gift. */
+let lastGiftLine = { key: '', count: 0, at: 0, li: /** @type {Element | null} */ (null) };
+client.on('gift', (ev, meta) => {
+  const key = `${ev.user.id}/${ev.gift}`;
+  const now = Date.now();
+  const line = lastGiftLine;
+  if (line.li && line.key === key && line.li === chatLog.lastElementChild && now - line.at < COMBO_WINDOW_MS) {
+    line.count += ev.count;
+    line.at = now;
+    /** @type {ChildNode} */ (line.li.lastChild).textContent = `sent ${GIFTS[ev.gift] ?? ev.gift} ×${line.count}`;
+  } else {
+    logLine('gift', ev.user.name, `sent ${GIFTS[ev.gift] ?? ev.gift} ×${ev.count}`, meta.history);
+    lastGiftLine = { key, count: ev.count, at: now, li: chatLog.lastElementChild };
+  }
+  if (!meta.history) giftToast(ev);
+});
+client.on('redpacket', (ev, meta) => {
+  logLine('rp', ev.user.name, `sent a red packet: ${money(ev.total)} in ${ev.shares} shares`, meta.history);
+  if (!meta.history && ev.expires_at > Date.now()) showPacket(ev);
+});
+client.on('grab', (ev, meta) => {
+  if (packet?.packet === ev.packet && !meta.history) {
+    packet.grabbed++;
+    renderPacket();
+  }
+  logLine('rp', ev.user.name, `grabbed ${money(ev.amount)}`, meta.history);
+});
+client.on('redpacket_done', (ev) => {
+  if (packet?.packet !== ev.packet) return;
+  const p = packet;
+  p.done = true;
+  p.grabbed = ev.grabbed;
+  renderPacket();
+  if (p.mine === null) packetResult(ev.expired ? 'Expired' : 'All shares are gone', false);
+  p.hideTimer = window.setTimeout(() => {
+    if (packet === p) {
+      packet = null;
+      renderPacket();
+    }
+  }, 8000);
+});
+client.on('system', (ev, meta) => {
+  logLine('sys', null, ev.text, meta.history);
+  if (!meta.history) stage.add(ev.text, { system: true });
+});
+
+// Controls --------------------------------------------------------------------------------
+$('chat-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const text = chatInput.value.trim();
+  if (!text) return;
+  try {
+    await client.chat(ROOM, text);
+    chatInput.value = '';
+    notice('');
+  } catch (err) {
+    notice(describe(err), true);
+  }
+});
+
+for (const b of giftButtons) {
+  b.addEventListener('click', async () => {
+    const gift = /** @type {string} */ (b.dataset.gift);
+    showMyCombo(gift);
+    try {
+      await client.gift(ROOM, gift, 1);
+    } catch (err) {
+      notice(describe(err), true);
+    }
+  });
+}
+
+devRedpacket.addEventListener('click', async () => {
+  const r = await fetch(`/dev/redpacket?room=${encodeURIComponent(ROOM)}`, { method: 'POST' });
+  if (!r.ok) notice(`Could not create a red packet (HTTP ${r.status})`, true);
+});
+
+window.addEventListener('resize', () => stage.pump());
+
+await client.connect();
+try {
+  await client.join(ROOM, { history: 30 });
+  notice('');
+} catch (e) {
+  notice(`Could not join ${ROOM}: ${describe(e)}`, true);
+}

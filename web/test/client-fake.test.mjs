@@ -1,0 +1,248 @@
+// The client's connection logic against a scripted fake gateway (the `ws` package's
+// server), for the cases a real gateway cannot be made to produce on demand: a socket
+// that stops answering pings, a 4010 resync, refused connections, lost replies.
+
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { afterEach, test } from 'node:test';
+import WebSocket, { WebSocketServer } from 'ws';
+import { DanmakuClient } from '../danmaku-client.js';
+import { freePort, waitFor } from '../support/gateway.mjs';
+
+/**
+ * @typedef {object} FakeConn
+ * @property {WebSocket} ws
+ * @property {URL} url the upgrade request's URL (token, format)
+ * @property {any[]} frames ops received
+ */
+
+/**
+ * A fake gateway. `script(frame, conn, server)` may answer an op itself (return true);
+ * otherwise join → joined (with `server.history`), ping → pong, anything else → ack.
+ * @param {{ heartbeatMs?: number, script?: (frame: any, conn: FakeConn, srv: any) => boolean | void }} [opts]
+ */
+async function fakeGateway(opts = {}) {
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  await new Promise((r) => wss.once('listening', r));
+  const { port } = /** @type {net.AddressInfo} */ (wss.address());
+  const srv = {
+    url: `ws://127.0.0.1:${port}/ws`,
+    /** @type {FakeConn[]} */
+    conns: [],
+    /** @type {any[]} */
+    history: [],
+    mutePings: false,
+    close: () => new Promise((r) => {
+      for (const c of wss.clients) c.terminate();
+      wss.close(r);
+    }),
+    /** @param {FakeConn} conn @param {any} frame */
+    send: (conn, frame) => conn.ws.send(JSON.stringify(frame)),
+  };
+  wss.on('connection', (ws, req) => {
+    /** @type {FakeConn} */
+    const conn = { ws, url: new URL(req.url ?? '/', 'http://x'), frames: [] };
+    srv.conns.push(conn);
+    srv.send(conn, { op: 'hello', conn: String(srv.conns.length), node: 'fake', user: null, heartbeat_ms: opts.heartbeatMs ?? 30000 });
+    ws.on('message', (data) => {
+      const frame = JSON.parse(data.toString());
+      conn.frames.push(frame);
+      if (opts.script?.(frame, conn, srv)) return;
+      const ref = frame.ref;
+      if (frame.op === 'join') {
+        srv.send(conn, { op: 'joined', room: frame.room, online: 1, history: frame.history ? srv.history : [], redpackets: [], ref });
+      } else if (frame.op === 'ping') {
+        if (!srv.mutePings) srv.send(conn, { op: 'pong', ref });
+      } else {
+        srv.send(conn, { op: 'ack', ref });
+      }
+    });
+  });
+  servers.push(srv);
+  return srv;
+}
+
+/** @type {Array<{ close: () => Promise<unknown> }>} */
+const servers = [];
+/** @type {DanmakuClient[]} */
+const clients = [];
+
+/** @param {string} url @param {Partial<import('../danmaku-client.js').ClientOptions>} [opts] */
+function client(url, opts = {}) {
+  const c = new DanmakuClient({ url, WebSocket, reconnect: { initialDelayMs: 30, maxDelayMs: 200 }, ...opts });
+  clients.push(c);
+  return c;
+}
+
+afterEach(async () => {
+  for (const c of clients.splice(0)) c.close();
+  for (const s of servers.splice(0)) await s.close();
+});
+
+const ev = (/** @type {number} */ n) => ({ id: `fake-${n}`, ts: 1000 + n, type: 'chat', user: { id: 'u', name: 'U' }, text: `m${n}` });
+
+test('sends token and format in the URL, and JSON or MessagePack frames', async () => {
+  const srv = await fakeGateway();
+  const c = client(srv.url, { token: () => Promise.resolve('tok-1') });
+  await c.connect();
+  await c.chat('r', 'hi');
+  assert.equal(srv.conns[0].url.searchParams.get('token'), 'tok-1');
+  assert.equal(srv.conns[0].url.searchParams.get('format'), null);
+  assert.deepEqual(srv.conns[0].frames[0], { op: 'chat', room: 'r', text: 'hi', ref: srv.conns[0].frames[0].ref });
+});
+
+test('a missing pong means a dead socket: dropped and reconnected', async () => {
+  const srv = await fakeGateway({ heartbeatMs: 100 });
+  srv.mutePings = true;
+  const c = client(srv.url);
+  /** @type {any[]} */
+  const statuses = [];
+  c.on('status', (s, d) => statuses.push([s, d]));
+  await c.connect();
+  await waitFor(() => srv.conns.length >= 2, 'a second connection', 3000);
+  const drop = statuses.find(([s]) => s === 'reconnecting')?.[1];
+  assert.equal(drop.code, 4000);
+  assert.equal(drop.reason, 'no pong');
+  assert.ok(srv.conns[0].frames.some((f) => f.op === 'ping'), 'app-level pings were sent');
+  srv.mutePings = false;
+  await waitFor(() => c.status === 'open', 'open again');
+  // With pongs coming back the connection stays.
+  const n = srv.conns.length;
+  await new Promise((r) => setTimeout(r, 400));
+  assert.equal(srv.conns.length, n);
+});
+
+test('4010: reconnect at once, re-join with history, no event delivered twice', async () => {
+  const srv = await fakeGateway();
+  srv.history = [ev(1), ev(2)];
+  const c = client(srv.url, { rejoinHistory: 50 });
+  /** @type {any[]} */
+  const statuses = [];
+  c.on('status', (s, d) => statuses.push([s, d]));
+  const chats = /** @type {any[]} */ ([]);
+  c.on('chat', (e, meta) => chats.push([e.text, meta.history]));
+  const joins = /** @type {any[]} */ ([]);
+  c.on('joined', (j, meta) => joins.push(meta));
+  await c.connect();
+  await c.join('room-1');
+  srv.send(srv.conns[0], { op: 'batch', room: 'room-1', events: [ev(1), ev(2)] });
+  await waitFor(() => chats.length === 2, 'live events');
+  // The slow-consumer close: events were lost in between.
+  srv.history = [ev(1), ev(2), ev(3)];
+  srv.conns[0].ws.close(4010, 'slow consumer');
+  await waitFor(() => joins.length === 2, 're-joined');
+  const drop = statuses.find(([s]) => s === 'reconnecting')?.[1];
+  assert.equal(drop.code, 4010);
+  assert.equal(drop.delayMs, 0);
+  const rejoin = srv.conns[1].frames.find((f) => f.op === 'join');
+  assert.equal(rejoin.room, 'room-1');
+  assert.equal(rejoin.history, 50);
+  assert.deepEqual(joins[1], { rejoin: true, resync: true });
+  assert.deepEqual(chats, [
+    ['m1', false],
+    ['m2', false],
+    ['m3', true],
+  ]);
+});
+
+test('1001 reconnects at once; leave() while away stops the re-join', async () => {
+  const srv = await fakeGateway();
+  const c = client(srv.url);
+  await c.connect();
+  await c.join('a');
+  await c.join('b');
+  /** @type {any[]} */
+  const statuses = [];
+  /** @type {Promise<unknown> | undefined} */
+  let left;
+  c.on('status', (s, d) => {
+    statuses.push([s, d]);
+    // Leaving while disconnected: nothing to send, the next connection just skips it.
+    if (s === 'reconnecting') left = c.leave('a');
+  });
+  srv.conns[0].ws.close(1001, 'draining');
+  await waitFor(() => statuses.some(([s]) => s === 'reconnecting'), 'reconnecting');
+  assert.equal(statuses.find(([s]) => s === 'reconnecting')[1].delayMs, 0);
+  assert.equal(await left, undefined);
+  await waitFor(() => srv.conns.length === 2 && srv.conns[1].frames.length === 1, 're-join');
+  assert.deepEqual(srv.conns[1].frames.map((f) => [f.op, f.room]), [['join', 'b']]);
+  assert.deepEqual(c.rooms, ['b']);
+});
+
+test('batches of a room left are not delivered', async () => {
+  const srv = await fakeGateway();
+  const c = client(srv.url);
+  const chats = /** @type {string[]} */ ([]);
+  c.on('chat', (e) => chats.push(e.text));
+  await c.connect();
+  await c.join('r');
+  await c.leave('r');
+  srv.send(srv.conns[0], { op: 'batch', room: 'r', events: [ev(1)] });
+  await c.join('s');
+  srv.send(srv.conns[0], { op: 'batch', room: 's', events: [ev(2)] });
+  await waitFor(() => chats.length === 1, 'the chat of s');
+  assert.deepEqual(chats, ['m2']);
+});
+
+test('backoff grows exponentially with jitter while the gateway is down', async () => {
+  const port = await freePort(); // nothing listens there
+  const c = client(`ws://127.0.0.1:${port}/ws`, {
+    reconnect: { initialDelayMs: 20, maxDelayMs: 80, factor: 2, jitter: 0.5 },
+  });
+  /** @type {number[]} */
+  const delays = [];
+  c.on('status', (s, d) => s === 'reconnecting' && delays.push(d.delayMs ?? -1));
+  c.connect().catch(() => {});
+  await waitFor(() => delays.length >= 5, 'five retries', 5000);
+  const bounds = [20, 40, 80, 80, 80];
+  delays.slice(0, 5).forEach((d, i) => {
+    assert.ok(d >= bounds[i] / 2 && d <= bounds[i], `delay ${i} = ${d}, want ${bounds[i] / 2}..${bounds[i]}`);
+  });
+});
+
+test('lost replies time out; ops on a dropped socket reject with disconnected', async () => {
+  const srv = await fakeGateway({
+    script: (frame, conn) => {
+      if (frame.op === 'chat' && frame.text === 'lost') return true; // never answered
+      if (frame.op === 'chat' && frame.text === 'drop') {
+        conn.ws.terminate();
+        return true;
+      }
+    },
+  });
+  const c = client(srv.url, { requestTimeoutMs: 200 });
+  await c.connect();
+  await assert.rejects(c.chat('r', 'lost'), { code: 'timeout', op: 'chat' });
+  await assert.rejects(c.chat('r', 'drop'), { code: 'disconnected' });
+  await waitFor(() => c.status === 'open', 'reconnected');
+});
+
+test('an error frame without ref goes to the error callback', async () => {
+  const srv = await fakeGateway();
+  const c = client(srv.url);
+  /** @type {any[]} */
+  const errors = [];
+  c.on('error', (e) => errors.push(e));
+  await c.connect();
+  srv.send(srv.conns[0], { op: 'error', code: 'bad_request', message: 'unparsable frame' });
+  await waitFor(() => errors.length === 1, 'error callback');
+  assert.equal(errors[0].code, 'bad_request');
+});
+
+test('close() stops for good: no reconnect', async () => {
+  const srv = await fakeGateway();
+  const c = client(srv.url);
+  await c.connect();
+  c.close();
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal(srv.conns.length, 1);
+  assert.equal(c.status, 'closed');
+});
+
+test('without reconnect, a drop ends in closed', async () => {
+  const srv = await fakeGateway();
+  const c = client(srv.url, { reconnect: false });
+  await c.connect();
+  srv.conns[0].ws.close(1001, 'bye');
+  await waitFor(() => c.status === 'closed', 'closed');
+});
