@@ -266,12 +266,9 @@ fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
 }
 
 /// An event a backend posts into a room.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
 enum ApiEvent {
     System {
         text: String,
-        #[serde(default)]
         data: Option<serde_json::Value>,
     },
     Chat {
@@ -281,9 +278,67 @@ enum ApiEvent {
     Gift {
         user: User,
         gift: String,
-        #[serde(default)]
         count: Option<u32>,
     },
+}
+
+impl ApiEvent {
+    /// Reads `type` first, then the variant's own struct, so an error names the field
+    /// (an internally tagged enum would lose the path).
+    fn parse(body: &[u8]) -> Result<Self, HttpError> {
+        #[derive(Deserialize)]
+        struct Tag {
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        #[derive(Deserialize)]
+        struct System {
+            text: String,
+            #[serde(default)]
+            data: Option<serde_json::Value>,
+        }
+        #[derive(Deserialize)]
+        struct Chat {
+            user: User,
+            text: String,
+        }
+        #[derive(Deserialize)]
+        struct Gift {
+            user: User,
+            gift: String,
+            #[serde(default)]
+            count: Option<u32>,
+        }
+        Ok(match parse_body::<Tag>(body)?.kind.as_str() {
+            "system" => {
+                let e: System = parse_body(body)?;
+                ApiEvent::System {
+                    text: e.text,
+                    data: e.data,
+                }
+            }
+            "chat" => {
+                let e: Chat = parse_body(body)?;
+                ApiEvent::Chat {
+                    user: e.user,
+                    text: e.text,
+                }
+            }
+            "gift" => {
+                let e: Gift = parse_body(body)?;
+                ApiEvent::Gift {
+                    user: e.user,
+                    gift: e.gift,
+                    count: e.count,
+                }
+            }
+            other => {
+                return Err(HttpError::bad_request(format!(
+                    "type: unknown event type {other:?} (expected system, chat or gift)"
+                )));
+            }
+        })
+    }
 }
 
 async fn post_event(
@@ -292,7 +347,7 @@ async fn post_event(
     body: Bytes,
 ) -> Result<Response, HttpError> {
     let room = room_param(&room)?;
-    let body = match parse_body::<ApiEvent>(&body)? {
+    let body = match ApiEvent::parse(&body)? {
         ApiEvent::System { text, data } => {
             if text.is_empty() {
                 return Err(HttpError::bad_request("text: must not be empty"));
@@ -336,7 +391,8 @@ async fn get_room(
     Path(room): Path<String>,
 ) -> Result<Response, HttpError> {
     let room = room_param(&room)?;
-    let online = shared.hub.online(&room);
+    // Fresh from the backplane: this node may hold no members of the room.
+    let online = shared.hub.local_online(&room) + shared.backplane.online_elsewhere(&room).await;
     Ok(axum::Json(json!({"room": room, "online": online})).into_response())
 }
 

@@ -368,11 +368,17 @@ impl Hub {
         if first {
             self.0.backplane.interest(room);
         }
+        // The first local member of a room: other nodes' counts are not synced here yet.
+        let remote = if first {
+            self.0.backplane.online_elsewhere(room).await
+        } else {
+            self.0.backplane.remote_online(room)
+        };
         let mut st = r.state.lock().expect("room lock");
         st.last_active = Instant::now();
         let skip = st.history.len().saturating_sub(history);
         Ok(Joined {
-            online: r.online.load(Ordering::Acquire),
+            online: r.online.load(Ordering::Acquire) + remote,
             history: st.history.iter().skip(skip).cloned().collect(),
         })
     }

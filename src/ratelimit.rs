@@ -183,16 +183,18 @@ impl RateLimits {
             Action::Grab => &self.grab,
             Action::Join => &self.join,
         };
-        let mut result = limiter.check_key(key);
-        if result.is_ok()
-            && let (Key::Conn(_), Some(per_ip)) = (key, &self.anon_ip)
-        {
-            result = per_ip.check_key(&Key::Ip(ip));
-        }
-        result.map_err(|not_until| {
-            let wait = not_until.wait_time_from(self.clock.now());
-            limited(action, wait.as_micros().div_ceil(1000) as u64)
-        })
+        // The shared per-IP budget first: when it refuses, the connection's own budget
+        // stays untouched (a refused op has no effect on it).
+        let per_ip = match (key, &self.anon_ip) {
+            (Key::Conn(_), Some(per_ip)) => per_ip.check_key(&Key::Ip(ip)),
+            _ => Ok(()),
+        };
+        per_ip
+            .and_then(|()| limiter.check_key(key))
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(self.clock.now());
+                limited(action, wait.as_micros().div_ceil(1000) as u64)
+            })
     }
 
     /// Keys currently held (for tests and metrics).

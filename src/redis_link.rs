@@ -16,7 +16,9 @@ use std::time::Duration;
 use redis::aio::{AsyncPushSender, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, ProtocolVersion, RedisResult};
+use redis::{
+    AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, ProtocolVersion, RedisResult, Value,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -50,6 +52,29 @@ impl Conn {
         match self {
             Conn::Single(c) => p.query_async(c).await,
             Conn::Cluster(c) => p.query_async(c).await,
+        }
+    }
+
+    /// Runs commands whose keys may live in different slots and returns every reply:
+    /// one pipelined round trip on a single server; on a cluster each command on its
+    /// own, concurrently (a cluster refuses pipelines that cross slots).
+    pub async fn run_all(&mut self, cmds: &[Cmd]) -> RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(c) => {
+                let mut p = redis::pipe();
+                for cmd in cmds {
+                    p.add_command(cmd.clone());
+                }
+                p.query_async(c).await
+            }
+            Conn::Cluster(c) => {
+                let replies = futures_util::future::join_all(cmds.iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { cmd.query_async::<Value>(&mut c).await }
+                }))
+                .await;
+                replies.into_iter().collect()
+            }
         }
     }
 

@@ -25,6 +25,7 @@ pub const ERRORS: &str = "danmaku_backplane_errors_total";
 pub const LAG: &str = "danmaku_backplane_lag_seconds";
 pub const SUBSCRIPTIONS: &str = "danmaku_backplane_subscriptions";
 
+#[async_trait::async_trait]
 pub trait Backplane: Send + Sync {
     /// Sends a window's locally originated events of `room` to the other nodes. Must not
     /// block: implementations buffer (bounded) and drop, counting drops, when behind.
@@ -34,6 +35,11 @@ pub trait Backplane: Send + Sync {
     fn interest(&self, room: &RoomId);
     /// Members of `room` on the other live nodes, as last synchronised.
     fn remote_online(&self, room: &RoomId) -> u64;
+    /// Members of `room` on the other live nodes, read fresh (for the HTTP API, which may
+    /// ask about a room this node holds no members of).
+    async fn online_elsewhere(&self, room: &RoomId) -> u64 {
+        self.remote_online(room)
+    }
     /// Whether the backplane can reach the other nodes right now.
     fn is_up(&self) -> bool;
     /// Short name for `/readyz` and logs.
@@ -43,6 +49,7 @@ pub trait Backplane: Send + Sync {
 /// The single-node backplane: there is nobody else to tell.
 pub struct Local;
 
+#[async_trait::async_trait]
 impl Backplane for Local {
     fn publish(&self, _room: &RoomId, _events: &[Arc<Event>]) {}
     fn interest(&self, _room: &RoomId) {}

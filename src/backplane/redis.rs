@@ -147,15 +147,16 @@ impl RedisBackplane {
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
             };
-            let mut pipe = redis::pipe();
-            for (channel, payload) in &batch {
-                pipe.cmd(conn.publish_cmd())
-                    .arg(channel)
-                    .arg(payload.as_ref())
-                    .ignore();
-            }
-            match conn.pipe::<()>(&pipe).await {
-                Ok(()) => ::metrics::counter!(PUBLISHED).increment(batch.len() as u64),
+            let cmds: Vec<redis::Cmd> = batch
+                .iter()
+                .map(|(channel, payload)| {
+                    let mut c = redis::cmd(conn.publish_cmd());
+                    c.arg(channel).arg(payload.as_ref());
+                    c
+                })
+                .collect();
+            match conn.run_all(&cmds).await {
+                Ok(_) => ::metrics::counter!(PUBLISHED).increment(batch.len() as u64),
                 Err(e) => {
                     tracing::debug!(error = %e, "publish failed");
                     ::metrics::counter!(ERRORS, "op" => "publish").increment(1);
@@ -334,15 +335,21 @@ impl RedisBackplane {
         }
         // Leaving: withdraw our counts so the others need not wait for the TTL.
         if let Some(mut conn) = self.link.conn() {
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZREM").arg(NODES_KEY).arg(&*self.node).ignore();
-            for room in &reported {
-                pipe.cmd("HDEL")
-                    .arg(presence_key(room))
+            let mut cmds = vec![
+                redis::cmd("ZREM")
+                    .arg(NODES_KEY)
                     .arg(&*self.node)
-                    .ignore();
+                    .to_owned(),
+            ];
+            for room in &reported {
+                cmds.push(
+                    redis::cmd("HDEL")
+                        .arg(presence_key(room))
+                        .arg(&*self.node)
+                        .to_owned(),
+                );
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn.pipe::<()>(&pipe)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.run_all(&cmds)).await;
         }
     }
 
@@ -382,23 +389,26 @@ impl RedisBackplane {
         let live: HashSet<String> = live.into_iter().collect();
         self.live_nodes.store(live.len().max(1), Ordering::Release);
         let rooms = hub.local_rooms();
-        let mut pipe = redis::pipe();
+        // Per room: write our count (or withdraw it), then read every node's.
+        let mut cmds: Vec<redis::Cmd> = Vec::new();
         let mut read = Vec::new();
         for (room, count) in &rooms {
             let key = presence_key(room);
             if *count > 0 {
-                pipe.cmd("HSET")
-                    .arg(&key)
-                    .arg(&*self.node)
-                    .arg(*count)
-                    .ignore();
-                pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms * 2).ignore();
+                cmds.push(
+                    redis::cmd("HSET")
+                        .arg(&key)
+                        .arg(&*self.node)
+                        .arg(*count)
+                        .to_owned(),
+                );
+                cmds.push(redis::cmd("PEXPIRE").arg(&key).arg(ttl_ms * 2).to_owned());
                 reported.insert(room.clone());
             } else if reported.remove(room) {
-                pipe.cmd("HDEL").arg(&key).arg(&*self.node).ignore();
+                cmds.push(redis::cmd("HDEL").arg(&key).arg(&*self.node).to_owned());
             }
-            pipe.cmd("HGETALL").arg(&key);
-            read.push(room.clone());
+            read.push((room.clone(), cmds.len()));
+            cmds.push(redis::cmd("HGETALL").arg(&key).to_owned());
         }
         // Rooms we reported but no longer hold at all.
         let held: HashSet<&RoomId> = rooms.iter().map(|(r, _)| r).collect();
@@ -408,27 +418,43 @@ impl RedisBackplane {
             .cloned()
             .collect();
         for room in gone {
-            pipe.cmd("HDEL")
-                .arg(presence_key(&room))
-                .arg(&*self.node)
-                .ignore();
+            cmds.push(
+                redis::cmd("HDEL")
+                    .arg(presence_key(&room))
+                    .arg(&*self.node)
+                    .to_owned(),
+            );
             reported.remove(&room);
         }
-        if read.is_empty() && pipe.is_empty() {
+        if cmds.is_empty() {
             self.remote.clear();
             return Ok(());
         }
-        let counts: Vec<HashMap<String, u64>> = conn.pipe(&pipe).await?;
-        self.remote.clear();
-        for (room, fields) in read.into_iter().zip(counts) {
-            let others: u64 = fields
-                .iter()
-                .filter(|(node, _)| node.as_str() != &*self.node && live.contains(node.as_str()))
-                .map(|(_, n)| *n)
-                .sum();
-            if others > 0 {
-                self.remote.insert(room, others);
-            }
+        let replies = conn.run_all(&cmds).await?;
+        let mut counts: Vec<HashMap<String, u64>> = Vec::with_capacity(read.len());
+        for (_, at) in &read {
+            counts.push(redis::from_redis_value(replies[*at].clone())?);
+        }
+        let read: Vec<RoomId> = read.into_iter().map(|(r, _)| r).collect();
+
+        // Replace entries in place: a reader must never see an emptied map mid-sync.
+        let fresh: HashMap<RoomId, u64> = read
+            .into_iter()
+            .zip(counts)
+            .map(|(room, fields)| {
+                let others: u64 = fields
+                    .iter()
+                    .filter(|(node, _)| {
+                        node.as_str() != &*self.node && live.contains(node.as_str())
+                    })
+                    .map(|(_, n)| *n)
+                    .sum();
+                (room, others)
+            })
+            .collect();
+        self.remote.retain(|room, _| fresh.contains_key(room));
+        for (room, others) in fresh {
+            self.remote.insert(room, others);
         }
         Ok(())
     }
@@ -443,6 +469,7 @@ fn disconnected() -> redis::RedisError {
     ))
 }
 
+#[async_trait::async_trait]
 impl Backplane for RedisBackplane {
     fn publish(&self, room: &RoomId, events: &[Arc<Event>]) {
         let env = EnvelopeOut {
@@ -470,6 +497,35 @@ impl Backplane for RedisBackplane {
 
     fn remote_online(&self, room: &RoomId) -> u64 {
         self.remote.get(room).map_or(0, |n| *n)
+    }
+
+    async fn online_elsewhere(&self, room: &RoomId) -> u64 {
+        let Some(mut conn) = self.link.conn() else {
+            return self.remote_online(room);
+        };
+        let now = now_ms();
+        let ttl_ms = self.presence_cfg.node_ttl_s * 1000;
+        let cmds = [
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(NODES_KEY)
+                .arg(now.saturating_sub(ttl_ms))
+                .arg("+inf")
+                .to_owned(),
+            redis::cmd("HGETALL").arg(presence_key(room)).to_owned(),
+        ];
+        let Ok(replies) = conn.run_all(&cmds).await else {
+            return self.remote_online(room);
+        };
+        let live: HashSet<String> = redis::from_redis_value(replies[0].clone()).unwrap_or_default();
+        let counts: HashMap<String, u64> =
+            redis::from_redis_value(replies[1].clone()).unwrap_or_default();
+        let others: u64 = counts
+            .iter()
+            .filter(|(node, _)| node.as_str() != &*self.node && live.contains(node.as_str()))
+            .map(|(_, n)| *n)
+            .sum();
+        self.remote.insert(room.clone(), others);
+        others
     }
 
     fn is_up(&self) -> bool {

@@ -134,6 +134,28 @@ impl RedisStore {
             .ok_or_else(|| StoreError("redis is unreachable".into()))
     }
 
+    /// Drops a finished packet from the open indexes (they live in other slots).
+    async fn unindex(
+        &self,
+        conn: &mut crate::redis_link::Conn,
+        room: Option<&RoomId>,
+        packet: &str,
+    ) {
+        let mut cmds = vec![redis::cmd("ZREM").arg(OPEN_KEY).arg(packet).to_owned()];
+        if let Some(room) = room {
+            cmds.push(
+                redis::cmd("SREM")
+                    .arg(room_index(room))
+                    .arg(packet)
+                    .to_owned(),
+            );
+        }
+        if let Err(e) = conn.run_all(&cmds).await {
+            // Harmless if left: readers re-check each packet's own state.
+            tracing::debug!(packet, error = %e, "unindexing a finished packet failed");
+        }
+    }
+
     fn fail(&self, e: redis::RedisError) -> StoreError {
         if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
             self.link.report_failure();
@@ -183,16 +205,21 @@ impl Store for RedisStore {
             ])
             .ignore();
         pipe.cmd("PEXPIREAT").arg(&meta).arg(expire_at).ignore();
-        pipe.cmd("SADD")
-            .arg(room_index(&p.room))
-            .arg(&p.packet)
-            .ignore();
-        pipe.cmd("ZADD")
-            .arg(OPEN_KEY)
-            .arg(p.expires_at)
-            .arg(&p.packet)
-            .ignore();
-        conn.pipe::<()>(&pipe).await.map_err(|e| self.fail(e))
+        // The packet's own keys share a slot: one pipeline. The indexes live elsewhere.
+        conn.pipe::<()>(&pipe).await.map_err(|e| self.fail(e))?;
+        let index = [
+            redis::cmd("SADD")
+                .arg(room_index(&p.room))
+                .arg(&p.packet)
+                .to_owned(),
+            redis::cmd("ZADD")
+                .arg(OPEN_KEY)
+                .arg(p.expires_at)
+                .arg(&p.packet)
+                .to_owned(),
+        ];
+        conn.run_all(&index).await.map_err(|e| self.fail(e))?;
+        Ok(())
     }
 
     async fn grab(&self, room: &RoomId, packet: &str, user: &User) -> Result<Grabbed, GrabError> {
@@ -271,22 +298,8 @@ impl Store for RedisStore {
                     total_grabbed: int(4),
                     expired: false,
                 });
-                if done.is_some()
-                    && let Some(mut c) = self.link.conn()
-                {
-                    let _ = c
-                        .pipe::<()>(
-                            redis::pipe()
-                                .cmd("ZREM")
-                                .arg(OPEN_KEY)
-                                .arg(packet)
-                                .ignore()
-                                .cmd("SREM")
-                                .arg(room_index(room))
-                                .arg(packet)
-                                .ignore(),
-                        )
-                        .await;
+                if done.is_some() {
+                    self.unindex(&mut conn, Some(room), packet).await;
                 }
                 Ok(Grabbed {
                     amount: int(1),
@@ -315,12 +328,8 @@ impl Store for RedisStore {
             .query(redis::cmd("HGET").arg(&meta).arg("room"))
             .await
             .map_err(|e| self.fail(e))?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZREM").arg(OPEN_KEY).arg(packet).ignore();
-        if let Some(room) = room.as_deref().and_then(|r| RoomId::parse(r).ok()) {
-            pipe.cmd("SREM").arg(room_index(&room)).arg(packet).ignore();
-        }
-        conn.pipe::<()>(&pipe).await.map_err(|e| self.fail(e))?;
+        let room = room.as_deref().and_then(|r| RoomId::parse(r).ok());
+        self.unindex(&mut conn, room.as_ref(), packet).await;
         Ok((reply.len() == 2).then(|| Done {
             grabbed: reply[0] as u32,
             total_grabbed: reply[1],

@@ -409,7 +409,16 @@ impl RedisServer {
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).unwrap();
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra)
@@ -420,7 +429,10 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -463,7 +475,11 @@ impl Drop for RedisServer {
 
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts a gateway node on `redis`, with `node_id`.
@@ -489,7 +505,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -783,4 +802,35 @@ pub fn batch_events(frames: &[Value], room: &str) -> Vec<Value> {
         .filter(|f| f["op"] == "batch" && f["room"] == room)
         .flat_map(|f| f["events"].as_array().unwrap().iter().cloned())
         .collect()
+}
+
+impl Client {
+    /// Collects every data frame (replies and batches alike, nothing skipped) until
+    /// `pred` holds for the collected list.
+    pub async fn frames_until(&mut self, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let mut frames = Vec::new();
+        while !pred(&frames) {
+            frames.push(self.recv().await);
+        }
+        frames
+    }
+}
+
+/// Frames of `frames` whose `op` is `op`.
+pub fn ops_of<'a>(frames: &'a [Value], op: &str) -> Vec<&'a Value> {
+    frames.iter().filter(|f| f["op"] == op).collect()
+}
+
+/// Events of type `kind` in the batches of `room` in `frames`, in order.
+pub fn events_of(frames: &[Value], room: &str, kind: &str) -> Vec<Value> {
+    batch_events(frames, room)
+        .into_iter()
+        .filter(|e| e["type"] == kind)
+        .collect()
+}
+
+/// The current value of `series` (see [`metric_in`]) read from this process's recorder
+/// directly: works when no gateway is serving `/metrics` any more (after a drain).
+pub fn metric_local(series: &str) -> f64 {
+    metric_in(&danmaku_gateway::metrics::install().render(), series)
 }

@@ -1,0 +1,550 @@
+//! Two gateway nodes on a real 3-master Redis Cluster: sharded pub/sub (SSUBSCRIBE /
+//! SPUBLISH) carries chat across nodes for rooms on every shard, red-packet grabs stay
+//! exactly-once, and presence sums across nodes.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use danmaku_gateway::config::Config;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use support::{Client, Gateway, RedisServer, redis_node, relax_rate_limits, temp_dir, wait_for};
+
+/// Three `redis-server --cluster-enabled yes` masters covering all 16384 slots.
+struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+fn cli_port(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl RedisCluster {
+    fn start() -> Self {
+        let mut nodes = Vec::new();
+        let mut dirs = Vec::new();
+        for i in 0..3 {
+            let dir = temp_dir("cluster");
+            std::fs::create_dir_all(&dir).unwrap();
+            let conf = dir.join(format!("nodes-{i}.conf"));
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                conf.to_str().unwrap(),
+                "--cluster-node-timeout",
+                "2000",
+            ]));
+            dirs.push(dir);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let me = RedisCluster { nodes, dirs };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = me.nodes.iter().all(|n| {
+                let info = n.cli(&["CLUSTER", "INFO"]);
+                info.contains("cluster_state:ok")
+                    && info.contains("cluster_known_nodes:3")
+                    && info.contains("cluster_slots_ok:16384")
+            });
+            if ok {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cluster never became ok: {}",
+                me.nodes[0].cli(&["CLUSTER", "INFO"])
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        me
+    }
+
+    fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The master that owns `key`'s slot.
+    fn owner(&self, key: &str) -> &RedisServer {
+        let slot: u16 = self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .unwrap();
+        let nodes = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if !fields.get(2).is_some_and(|f| f.contains("master")) {
+                continue;
+            }
+            let port: u16 = fields[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap();
+            let owns = fields[8..].iter().any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                match (lo.parse::<u16>(), hi.parse::<u16>()) {
+                    (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                    _ => false,
+                }
+            });
+            if owns {
+                return self.nodes.iter().find(|n| n.port == port).unwrap();
+            }
+        }
+        panic!("no owner for slot {slot}: {nodes}");
+    }
+
+    /// `redis-cli -c` (follows redirects) against the first node.
+    fn cli_c(&self, args: &[&str]) -> String {
+        let mut all = vec!["-c"];
+        all.extend_from_slice(args);
+        cli_port(self.nodes[0].port, &all)
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+fn channel(room: &str) -> String {
+    format!("danmaku:room:{room}")
+}
+
+/// `PUBSUB SHARDNUMSUB` (or `NUMSUB`) of `channel` on one node.
+fn subscribers(node: &RedisServer, sub: &str, channel: &str) -> u64 {
+    let out = node.cli(&["PUBSUB", sub, channel]);
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected PUBSUB {sub} output {out:?}"))
+}
+
+fn command_calls(node: &RedisServer, cmd: &str) -> u64 {
+    let info = node.cli(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+        .unwrap_or(0)
+}
+
+async fn cluster_node(cluster: &RedisCluster, id: &str) -> Gateway {
+    let url = cluster.url();
+    redis_node(&url.clone(), id, move |cfg: &mut Config| {
+        relax_rate_limits(cfg);
+        cfg.redis.cluster = true;
+        cfg.redis.url = url;
+    })
+    .await
+}
+
+async fn online(gw: &Gateway, room: &str) -> u64 {
+    let (st, v) = gw.api("GET", &format!("/api/v1/rooms/{room}"), None).await;
+    assert_eq!(st, 200, "{v}");
+    v["online"].as_u64().unwrap()
+}
+
+/// Sends numbered chats from `from` until one reaches `to`; consumes the acks.
+async fn until_linked(from: &mut Client, to: &mut Client, room: &str, tag: &str) {
+    let sender = from.hello["user"]["id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tag}: chats from {sender} in {room} never reached the other node"
+        );
+        n += 1;
+        from.send(json!({"op":"chat","room":room,"text":format!("{tag}-{n}")}))
+            .await;
+        let wait_until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(wait_until, to.ws.next()).await {
+            if let Some(v) = to.decode(&m)
+                && v["op"] == "batch"
+                && v["room"] == room
+                && v["events"].as_array().unwrap().iter().any(|e| {
+                    e["type"] == "chat"
+                        && e["user"]["id"] == sender.as_str()
+                        && e["text"].as_str().unwrap_or("").starts_with(tag)
+                })
+            {
+                from.until_pong(987_654).await;
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_pubsub_carries_rooms_on_every_shard() {
+    let cluster = RedisCluster::start();
+    // Two rooms per shard.
+    let rooms = rooms_on_every_shard(&cluster, "shard-room", 2);
+    let a = cluster_node(&cluster, "node-a").await;
+    let b = cluster_node(&cluster, "node-b").await;
+    let mut alice = a.user("alice", "").await;
+    let mut bob = b.user("bob", "").await;
+    for room in &rooms {
+        alice.join(room).await;
+        bob.join(room).await;
+    }
+    // Each room's channel is SSUBSCRIBEd by both nodes on the shard that owns it.
+    for room in &rooms {
+        let owner = cluster.owner(&channel(room));
+        wait_for(
+            Duration::from_secs(15),
+            &format!("{room}: 2 shard subscribers on its owner"),
+            || async { subscribers(owner, "SHARDNUMSUB", &channel(room)) == 2 },
+        )
+        .await;
+        for node in &cluster.nodes {
+            assert_eq!(
+                subscribers(node, "NUMSUB", &channel(room)),
+                0,
+                "classic SUBSCRIBE used on a cluster"
+            );
+        }
+    }
+    let spublish_before: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(|n| command_calls(n, "spublish"))
+        .collect();
+    for room in &rooms {
+        until_linked(&mut alice, &mut bob, room, "a2b").await;
+        until_linked(&mut bob, &mut alice, room, "b2a").await;
+    }
+    // Every shard carried SPUBLISHes; nothing used classic PUBLISH.
+    for (node, before) in cluster.nodes.iter().zip(spublish_before) {
+        assert!(
+            command_calls(node, "spublish") > before,
+            "no SPUBLISH on shard {}",
+            node.port
+        );
+        assert_eq!(
+            command_calls(node, "publish"),
+            0,
+            "PUBLISH on {}",
+            node.port
+        );
+    }
+    // Leaving SUNSUBSCRIBEs on the owning shard.
+    let left = &rooms[0];
+    let r = bob.call(json!({"op":"leave","room":left}), 7).await;
+    assert_eq!(r["op"], "ack", "{r}");
+    let owner = cluster.owner(&channel(left));
+    wait_for(Duration::from_secs(10), "B unsubscribed", || async {
+        subscribers(owner, "SHARDNUMSUB", &channel(left)) == 1
+    })
+    .await;
+    drop((alice, bob));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A user on `gw`, joined to `room`.
+async fn member(gw: &Gateway, user: &str, room: &str) -> Client {
+    let mut c = gw.user(user, &format!("room={room}")).await;
+    let j = c.recv_op("joined").await;
+    assert_eq!(j["room"], room, "{j}");
+    c
+}
+
+/// A grab and its reply, retrying `busy`.
+async fn grab(c: &mut Client, room: &str, packet: &str) -> Value {
+    for attempt in 1..200 {
+        let r = c
+            .call(json!({"op":"grab","room":room,"packet":packet}), attempt)
+            .await;
+        if r["code"] != "busy" {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("busy for ever");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn red_packet_on_cluster_is_exactly_once_from_both_nodes() {
+    const USERS: usize = 150;
+    const SHARES: u64 = 100;
+    const TOTAL: u64 = 12_345;
+    let cluster = RedisCluster::start();
+    let a = cluster_node(&cluster, "node-a").await;
+    let b = cluster_node(&cluster, "node-b").await;
+    let room = "cluster-rp";
+    let (st, created) = a
+        .api(
+            "POST",
+            &format!("/api/v1/rooms/{room}/redpackets"),
+            Some(&json!({"total": TOTAL, "shares": SHARES, "sender": {"id":"boss","name":"Boss"}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{created}");
+    let packet = created["packet"].as_str().unwrap().to_string();
+    // Listed on the other node too.
+    let mut probe = b.user("probe", "").await;
+    let joined = probe.join(room).await;
+    assert_eq!(
+        joined["redpackets"][0]["packet"],
+        packet.as_str(),
+        "{joined}"
+    );
+
+    let mut clients = Vec::new();
+    for i in 0..USERS {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        clients.push((format!("u{i}"), member(gw, &format!("u{i}"), room).await));
+    }
+    let mut tasks = Vec::new();
+    for (user, mut c) in clients {
+        let packet = packet.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = grab(&mut c, "cluster-rp", &packet).await;
+            (user, r)
+        }));
+    }
+    let mut amounts: HashMap<String, u64> = HashMap::new();
+    let mut empty = 0;
+    for t in tasks {
+        let (user, r) = t.await.unwrap();
+        if r["op"] == "ack" {
+            assert!(
+                amounts
+                    .insert(user, r["amount"].as_u64().unwrap())
+                    .is_none()
+            );
+        } else {
+            assert_eq!(r["code"], "packet_empty", "{r}");
+            empty += 1;
+        }
+    }
+    assert_eq!(amounts.len() as u64, SHARES);
+    assert_eq!(empty as u64, USERS as u64 - SHARES);
+    assert_eq!(amounts.values().sum::<u64>(), TOTAL);
+    let stream = danmaku_gateway::redpacket::redis::settlement_stream(&packet).unwrap();
+    assert_eq!(cluster.cli_c(&["XLEN", &stream]), SHARES.to_string());
+    let (_, status) = b
+        .api("GET", &format!("/api/v1/redpackets/{packet}"), None)
+        .await;
+    assert_eq!(status["grabbed"], SHARES, "{status}");
+    assert_eq!(status["total_grabbed"], TOTAL, "{status}");
+
+    // The same user on both nodes at once: one share, whatever the slot.
+    let mut tab_a = member(&a, "twin", room).await;
+    let mut tab_b = member(&b, "twin", room).await;
+    for round in 0..4 {
+        let (st, created) = b
+            .api(
+                "POST",
+                &format!("/api/v1/rooms/{room}/redpackets"),
+                Some(&json!({"total": 50, "shares": 5, "sender": {"id":"boss","name":"Boss"}})),
+            )
+            .await;
+        assert_eq!(st, 201, "{created}");
+        let packet = created["packet"].as_str().unwrap().to_string();
+        let (ra, rb) = tokio::join!(
+            grab(&mut tab_a, room, &packet),
+            grab(&mut tab_b, room, &packet)
+        );
+        let wins = [&ra, &rb].iter().filter(|r| r["op"] == "ack").count();
+        assert_eq!(wins, 1, "round {round}: {ra} {rb}");
+        let lost = if ra["op"] == "ack" { &rb } else { &ra };
+        assert_eq!(lost["code"], "already_grabbed", "{lost}");
+    }
+    drop((probe, tab_a, tab_b));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_sums_on_cluster() {
+    let cluster = RedisCluster::start();
+    let a = cluster_node(&cluster, "node-a").await;
+    let b = cluster_node(&cluster, "node-b").await;
+    let room = "crowd";
+    let mut on_a = Vec::new();
+    for i in 0..2 {
+        on_a.push(member(&a, &format!("a{i}"), room).await);
+    }
+    let mut on_b = Vec::new();
+    for _ in 0..3 {
+        let mut v = b.client(&format!("room={room}")).await;
+        v.recv_op("joined").await;
+        on_b.push(v);
+    }
+    wait_for(
+        Duration::from_secs(15),
+        "online 5 on both nodes",
+        || async { online(&a, room).await == 5 && online(&b, room).await == 5 },
+    )
+    .await;
+    // The presence event on A carries the cluster-wide count.
+    on_a[0]
+        .events_until(room, |ev| {
+            ev.iter()
+                .any(|e| e["type"] == "presence" && e["online"] == 5)
+        })
+        .await;
+    // Members leaving B are seen on A.
+    on_b.truncate(1);
+    wait_for(
+        Duration::from_secs(10),
+        "online 3 on both nodes",
+        || async { online(&a, room).await == 3 && online(&b, room).await == 3 },
+    )
+    .await;
+    drop((on_a, on_b));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Rooms whose channels live on three different shards.
+fn rooms_on_every_shard(cluster: &RedisCluster, prefix: &str, per_shard: usize) -> Vec<String> {
+    let mut per_owner: HashMap<u16, usize> = HashMap::new();
+    let mut rooms = Vec::new();
+    for i in 0..1000 {
+        let room = format!("{prefix}-{i}");
+        let owner = cluster.owner(&channel(&room)).port;
+        let n = per_owner.entry(owner).or_default();
+        if *n < per_shard {
+            *n += 1;
+            rooms.push(room);
+        }
+        if rooms.len() == 3 * per_shard {
+            return rooms;
+        }
+    }
+    panic!("could not spread rooms over the shards");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_sums_on_cluster_with_rooms_on_several_shards() {
+    let cluster = RedisCluster::start();
+    let a = cluster_node(&cluster, "node-a").await;
+    let b = cluster_node(&cluster, "node-b").await;
+    let rooms = rooms_on_every_shard(&cluster, "crowd", 1);
+    let mut keep = Vec::new();
+    for (k, room) in rooms.iter().enumerate() {
+        keep.push(member(&a, &format!("a-{k}"), room).await);
+        for _ in 0..=k {
+            let mut v = b.client(&format!("room={room}")).await;
+            v.recv_op("joined").await;
+            keep.push(v);
+        }
+    }
+    wait_for(
+        Duration::from_secs(15),
+        "presence sums per room",
+        || async {
+            for (k, room) in rooms.iter().enumerate() {
+                let want = k as u64 + 2;
+                if online(&a, room).await != want || online(&b, room).await != want {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    drop(keep);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_rooms_on_different_shards_all_deliver() {
+    const ROUNDS: usize = 5;
+    let cluster = RedisCluster::start();
+    let a = cluster_node(&cluster, "node-a").await;
+    let b = cluster_node(&cluster, "node-b").await;
+    let rooms = rooms_on_every_shard(&cluster, "busy", 2);
+    let mut alice = a.user("alice", "").await;
+    let mut bob = b.user("bob", "").await;
+    for room in &rooms {
+        alice.join(room).await;
+        bob.join(room).await;
+    }
+    for room in &rooms {
+        let owner = cluster.owner(&channel(room));
+        wait_for(
+            Duration::from_secs(15),
+            &format!("{room}: 2 shard subscribers"),
+            || async { subscribers(owner, "SHARDNUMSUB", &channel(room)) == 2 },
+        )
+        .await;
+    }
+    until_linked(&mut alice, &mut bob, &rooms[0], "warm").await;
+    // Every round: one chat in each room, all inside one window.
+    for round in 0..ROUNDS {
+        for (k, room) in rooms.iter().enumerate() {
+            alice
+                .send(json!({"op":"chat","room":room,"text":format!("r{round}-{k}"),"ref":k}))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut want: HashSet<String> = (0..ROUNDS)
+        .flat_map(|r| (0..rooms.len()).map(move |k| format!("r{r}-{k}")))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !want.is_empty() {
+        let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, bob.ws.next()).await else {
+            break;
+        };
+        let Some(v) = bob.decode(&m) else { continue };
+        if v["op"] != "batch" {
+            continue;
+        }
+        for e in v["events"].as_array().unwrap() {
+            if let Some(t) = e["text"].as_str() {
+                want.remove(t);
+            }
+        }
+    }
+    assert!(
+        want.is_empty(),
+        "{} of {} chats never reached node B: {want:?}",
+        want.len(),
+        ROUNDS * rooms.len()
+    );
+    drop((alice, bob));
+    a.stop().await;
+    b.stop().await;
+}
