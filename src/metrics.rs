@@ -149,6 +149,7 @@ pub fn install() -> PrometheusHandle {
             // then we render an empty registry rather than fail.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            preregister();
             handle
         })
         .clone()
@@ -185,6 +186,34 @@ pub fn hot() -> &'static Hot {
             errors: ErrorCode::ALL.map(|c| counter!(ERRORS, "code" => c.as_str())),
         }
     })
+}
+
+/// Creates the failure and rarely-moving series at 0, so a dashboard's `rate()` sees the
+/// first increment (a series born at 1 has no earlier point to compute a rate from).
+fn preregister() {
+    use crate::backplane as bp;
+    for reason in ["draining", "max_conns", "max_conns_per_ip"] {
+        counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(0);
+    }
+    for action in ["chat", "gift", "grab", "join"] {
+        counter!(RATE_LIMITED, "action" => action).increment(0);
+    }
+    for kind in ["chat", "gift", "redpacket", "grab", "redpacket_done", "presence", "system"] {
+        counter!(EVENTS, "type" => kind).increment(0);
+    }
+    counter!(REDPACKET_GRABS, "outcome" => "ok").increment(0);
+    for code in ErrorCode::ALL {
+        counter!(REDPACKET_GRABS, "outcome" => code.as_str()).increment(0);
+    }
+    for name in [CHAT_SAMPLED_OUT, GIFTS_MERGED, REDPACKETS_CREATED, bp::PUBLISHED, bp::RECEIVED, bp::DROPPED] {
+        counter!(name).increment(0);
+    }
+    for op in ["publish", "subscribe", "decode", "presence"] {
+        counter!(bp::ERRORS, "op" => op).increment(0);
+    }
+    for conn in ["command", "subscriber"] {
+        counter!(crate::redis_link::RECONNECTS, "conn" => conn).increment(0);
+    }
 }
 
 fn describe() {
