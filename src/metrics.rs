@@ -198,14 +198,29 @@ fn preregister() {
     for action in ["chat", "gift", "grab", "join"] {
         counter!(RATE_LIMITED, "action" => action).increment(0);
     }
-    for kind in ["chat", "gift", "redpacket", "grab", "redpacket_done", "presence", "system"] {
+    for kind in [
+        "chat",
+        "gift",
+        "redpacket",
+        "grab",
+        "redpacket_done",
+        "presence",
+        "system",
+    ] {
         counter!(EVENTS, "type" => kind).increment(0);
     }
     counter!(REDPACKET_GRABS, "outcome" => "ok").increment(0);
     for code in ErrorCode::ALL {
         counter!(REDPACKET_GRABS, "outcome" => code.as_str()).increment(0);
     }
-    for name in [CHAT_SAMPLED_OUT, GIFTS_MERGED, REDPACKETS_CREATED, bp::PUBLISHED, bp::RECEIVED, bp::DROPPED] {
+    for name in [
+        CHAT_SAMPLED_OUT,
+        GIFTS_MERGED,
+        REDPACKETS_CREATED,
+        bp::PUBLISHED,
+        bp::RECEIVED,
+        bp::DROPPED,
+    ] {
         counter!(name).increment(0);
     }
     for op in ["publish", "subscribe", "decode", "presence"] {
