@@ -13,8 +13,8 @@ use danmaku_gateway::config::{Config, Rate};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use support::{
-    API_TOKEN, Client, Gateway, RedisServer, SECRET, free_port, http, redis_node,
-    relax_rate_limits, temp_dir, token, wait_for,
+    API_TOKEN, Client, RedisServer, SECRET, free_port, http, online, redis_node, relax_rate_limits,
+    temp_dir, token, until_linked, wait_for,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -53,12 +53,6 @@ fn command_calls(redis: &RedisServer, cmd: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&prefix))
         .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
         .unwrap_or(0)
-}
-
-async fn online(gw: &Gateway, room: &str) -> u64 {
-    let (st, v) = gw.api("GET", &format!("/api/v1/rooms/{room}"), None).await;
-    assert_eq!(st, 200, "{v}");
-    v["online"].as_u64().unwrap()
 }
 
 async fn online_at(addr: SocketAddr, room: &str) -> u64 {
@@ -118,39 +112,6 @@ async fn collect_chats(
         }
     }
     got
-}
-
-/// Sends a chat from `c` until one reaches `to` (subscriptions are asynchronous);
-/// each attempt is numbered so a late arrival of an earlier one counts too.
-async fn until_linked(from: &mut Client, to: &mut Client, room: &str, tag: &str) {
-    let sender = from.hello["user"]["id"].as_str().unwrap().to_string();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let mut n = 0;
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{tag}: chats from {sender} never reached the other node"
-        );
-        n += 1;
-        from.send(json!({"op":"chat","room":room,"text":format!("{tag}-{n}")}))
-            .await;
-        let wait_until = tokio::time::Instant::now() + Duration::from_millis(300);
-        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(wait_until, to.ws.next()).await {
-            if let Some(v) = to.decode(&m)
-                && v["op"] == "batch"
-                && v["room"] == room
-                && v["events"].as_array().unwrap().iter().any(|e| {
-                    e["type"] == "chat"
-                        && e["user"]["id"] == sender.as_str()
-                        && e["text"].as_str().unwrap_or("").starts_with(tag)
-                })
-            {
-                // Consume the acks of the chats sent so far.
-                from.until_pong(987_654).await;
-                return;
-            }
-        }
-    }
 }
 
 /// Reads and discards frames on `c` for `d` (e.g. acks of chats sent without waiting).

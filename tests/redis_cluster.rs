@@ -10,7 +10,10 @@ use std::time::Duration;
 use danmaku_gateway::config::Config;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use support::{Client, Gateway, RedisServer, redis_node, relax_rate_limits, temp_dir, wait_for};
+use support::{
+    Client, Gateway, RedisServer, online, redis_node, relax_rate_limits, temp_dir, until_linked,
+    wait_for,
+};
 
 /// Three `redis-server --cluster-enabled yes` masters covering all 16384 slots.
 struct RedisCluster {
@@ -172,43 +175,6 @@ async fn cluster_node(cluster: &RedisCluster, id: &str) -> Gateway {
         cfg.redis.url = url;
     })
     .await
-}
-
-async fn online(gw: &Gateway, room: &str) -> u64 {
-    let (st, v) = gw.api("GET", &format!("/api/v1/rooms/{room}"), None).await;
-    assert_eq!(st, 200, "{v}");
-    v["online"].as_u64().unwrap()
-}
-
-/// Sends numbered chats from `from` until one reaches `to`; consumes the acks.
-async fn until_linked(from: &mut Client, to: &mut Client, room: &str, tag: &str) {
-    let sender = from.hello["user"]["id"].as_str().unwrap().to_string();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut n = 0;
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{tag}: chats from {sender} in {room} never reached the other node"
-        );
-        n += 1;
-        from.send(json!({"op":"chat","room":room,"text":format!("{tag}-{n}")}))
-            .await;
-        let wait_until = tokio::time::Instant::now() + Duration::from_millis(300);
-        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(wait_until, to.ws.next()).await {
-            if let Some(v) = to.decode(&m)
-                && v["op"] == "batch"
-                && v["room"] == room
-                && v["events"].as_array().unwrap().iter().any(|e| {
-                    e["type"] == "chat"
-                        && e["user"]["id"] == sender.as_str()
-                        && e["text"].as_str().unwrap_or("").starts_with(tag)
-                })
-            {
-                from.until_pong(987_654).await;
-                return;
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,11 +8,10 @@ mod support;
 use std::time::Duration;
 
 use danmaku_gateway::config::Config;
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use support::{
-    Client, Gateway, RedisServer, http, metric_in, metrics_text, redis_node, relax_rate_limits,
-    wait_for,
+    Gateway, RedisServer, http, metric_in, metrics_text, online, redis_node, relax_rate_limits,
+    until_linked, wait_for,
 };
 
 const SUB_RECONNECTS: &str = r#"danmaku_redis_reconnects_total{conn="subscriber"}"#;
@@ -30,43 +29,6 @@ fn numsub(redis: &RedisServer, room: &str) -> u64 {
 
 async fn readyz(gw: &Gateway) -> (u16, Value) {
     http(gw.addr, "GET", "/readyz", None, None).await
-}
-
-async fn online(gw: &Gateway, room: &str) -> u64 {
-    let (st, v) = gw.api("GET", &format!("/api/v1/rooms/{room}"), None).await;
-    assert_eq!(st, 200, "{v}");
-    v["online"].as_u64().unwrap()
-}
-
-/// Sends numbered chats from `from` until one reaches `to`; consumes the acks.
-async fn until_linked(from: &mut Client, to: &mut Client, room: &str, tag: &str) {
-    let sender = from.hello["user"]["id"].as_str().unwrap().to_string();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut n = 0;
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{tag}: chats from {sender} never reached the other node"
-        );
-        n += 1;
-        from.send(json!({"op":"chat","room":room,"text":format!("{tag}-{n}")}))
-            .await;
-        let wait_until = tokio::time::Instant::now() + Duration::from_millis(300);
-        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(wait_until, to.ws.next()).await {
-            if let Some(v) = to.decode(&m)
-                && v["op"] == "batch"
-                && v["room"] == room
-                && v["events"].as_array().unwrap().iter().any(|e| {
-                    e["type"] == "chat"
-                        && e["user"]["id"] == sender.as_str()
-                        && e["text"].as_str().unwrap_or("").starts_with(tag)
-                })
-            {
-                from.until_pong(987_654).await;
-                return;
-            }
-        }
-    }
 }
 
 async fn create_packet(gw: &Gateway, room: &str, total: u64, shares: u32) -> (u16, Value) {

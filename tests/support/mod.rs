@@ -834,3 +834,40 @@ pub fn events_of(frames: &[Value], room: &str, kind: &str) -> Vec<Value> {
 pub fn metric_local(series: &str) -> f64 {
     metric_in(&danmaku_gateway::metrics::install().render(), series)
 }
+
+pub async fn online(gw: &Gateway, room: &str) -> u64 {
+    let (st, v) = gw.api("GET", &format!("/api/v1/rooms/{room}"), None).await;
+    assert_eq!(st, 200, "{v}");
+    v["online"].as_u64().unwrap()
+}
+
+/// Sends numbered chats from `from` until one reaches `to`; consumes the acks.
+pub async fn until_linked(from: &mut Client, to: &mut Client, room: &str, tag: &str) {
+    let sender = from.hello["user"]["id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tag}: chats from {sender} in {room} never reached the other node"
+        );
+        n += 1;
+        from.send(json!({"op":"chat","room":room,"text":format!("{tag}-{n}")}))
+            .await;
+        let wait_until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(wait_until, to.ws.next()).await {
+            if let Some(v) = to.decode(&m)
+                && v["op"] == "batch"
+                && v["room"] == room
+                && v["events"].as_array().unwrap().iter().any(|e| {
+                    e["type"] == "chat"
+                        && e["user"]["id"] == sender.as_str()
+                        && e["text"].as_str().unwrap_or("").starts_with(tag)
+                })
+            {
+                from.until_pong(987_654).await;
+                return;
+            }
+        }
+    }
+}
