@@ -358,6 +358,10 @@ pub struct RoomConfig {
     /// Chat broadcast per room per second; above it chat is acked but sampled out of
     /// the broadcast (counted). 0 = off.
     pub max_chat_per_s: u64,
+    /// `grab` events broadcast per room per window; the rest of a grab storm is counted
+    /// but not broadcast (each grabber has its ack, the totals come in `redpacket_done`).
+    /// 0 = unlimited.
+    pub max_grab_events: u64,
 }
 
 impl Default for RoomConfig {
@@ -370,6 +374,7 @@ impl Default for RoomConfig {
             max_pending: 10_000,
             idle_ttl_s: 300,
             max_chat_per_s: 0,
+            max_grab_events: 50,
         }
     }
 }

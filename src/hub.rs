@@ -211,6 +211,8 @@ struct RoomState {
     chat_window: Instant,
     /// Chat broadcast in the current window (against `room.max_chat_per_s`).
     chat_in_window: u64,
+    /// `grab` events in the current window (against `room.max_grab_events`).
+    grabs_in_window: u64,
 }
 
 /// What a successful join returns for the `joined` reply.
@@ -322,6 +324,7 @@ impl Hub {
                     gifts: HashMap::new(),
                     chat_window: Instant::now(),
                     chat_in_window: 0,
+                    grabs_in_window: 0,
                 }),
             })
         })
@@ -471,6 +474,14 @@ impl Hub {
                 }
                 st.chat_in_window += 1;
             }
+            EventBody::Grab { .. } if self.0.cfg.max_grab_events > 0 => {
+                if st.grabs_in_window >= self.0.cfg.max_grab_events {
+                    drop(st);
+                    counter_inc(metrics::GRAB_EVENTS_SAMPLED_OUT);
+                    return self.next_id();
+                }
+                st.grabs_in_window += 1;
+            }
             _ => {}
         }
         let event = Event {
@@ -563,6 +574,7 @@ impl Hub {
                 st.dirty = false;
                 let accepted = st.window_started.take().unwrap_or_else(Instant::now);
                 st.gifts.clear();
+                st.grabs_in_window = 0;
                 let events: Vec<Arc<Event>> = st.pending.drain(..).map(Arc::new).collect();
                 let local: Vec<Arc<Event>> = events
                     .iter()

@@ -37,6 +37,7 @@ pub const ERRORS: &str = "danmaku_errors_total";
 pub const RATE_LIMITED: &str = "danmaku_rate_limited_total";
 pub const CHAT_SAMPLED_OUT: &str = "danmaku_chat_sampled_out_total";
 pub const GIFTS_MERGED: &str = "danmaku_gifts_merged_total";
+pub const GRAB_EVENTS_SAMPLED_OUT: &str = "danmaku_grab_events_sampled_out_total";
 pub const REDPACKETS_CREATED: &str = "danmaku_redpackets_created_total";
 pub const REDPACKET_GRABS: &str = "danmaku_redpacket_grabs_total";
 pub const REDPACKET_GRAB_SECONDS: &str = "danmaku_redpacket_grab_seconds";
@@ -215,6 +216,7 @@ fn preregister() {
     }
     for name in [
         CHAT_SAMPLED_OUT,
+        GRAB_EVENTS_SAMPLED_OUT,
         GIFTS_MERGED,
         REDPACKETS_CREATED,
         bp::PUBLISHED,
@@ -272,6 +274,10 @@ fn describe() {
     describe_counter!(
         CHAT_SAMPLED_OUT,
         "Chat acked but left out of the broadcast by room.max_chat_per_s."
+    );
+    describe_counter!(
+        GRAB_EVENTS_SAMPLED_OUT,
+        "Grabs recorded but not broadcast (room.max_grab_events per window)."
     );
     describe_counter!(
         GIFTS_MERGED,

@@ -600,6 +600,8 @@ async fn storm_of_2000_grabbers_on_500_shares() {
     let gw = gateway(|c| {
         c.room.presence_ms = 1000;
         c.room.batch_ms = 50;
+        // Every grab broadcast, so the watcher can check each one against the acks.
+        c.room.max_grab_events = 0;
     })
     .await;
     let mut watcher = gw.client("room=storm").await;
@@ -1197,4 +1199,81 @@ async fn grabs_survive_a_sigkill() {
     assert!(data.join("redpackets.journal").is_file());
     drop(second);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A grab storm is not broadcast in full: at most `room.max_grab_events` grab events per
+/// window reach the room, each of them a real grab; the rest are counted, and
+/// `redpacket_done` still carries the totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grab_storm_broadcast_is_capped_per_window() {
+    const USERS: usize = 300;
+    const CAP: usize = 10;
+    let gw = gateway(|c| {
+        c.room.batch_ms = 50;
+        c.room.max_grab_events = CAP as u64;
+    })
+    .await;
+    let mut watcher = gw.client("room=capped").await;
+    assert_eq!(watcher.reply().await["op"], "joined");
+    let clients = connect_many(&gw, "capped", "capped-", USERS).await;
+    let packet = create(&gw, "capped", 30_000, USERS as u32, Some(600)).await;
+    let sampled_before = support::metric(gw.addr, "danmaku_grab_events_sampled_out_total").await;
+    let watch = tokio::spawn(async move {
+        let mut frames = Vec::new();
+        loop {
+            let v = watcher.recv_op("batch").await;
+            let done = v["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["type"] == "redpacket_done");
+            frames.push(v);
+            if done {
+                return frames;
+            }
+        }
+    });
+    let results = grab_all(clients, "capped", &packet).await;
+    let won: HashMap<String, u64> = results
+        .iter()
+        .map(|(user, reply, _)| (user.clone(), amount(reply, 1)))
+        .collect();
+    assert_eq!(won.len(), USERS);
+    let frames = tokio::time::timeout(Duration::from_secs(60), watch)
+        .await
+        .expect("watcher saw redpacket_done")
+        .unwrap();
+    let mut seen = 0;
+    for f in &frames {
+        let grabs = of_type(f["events"].as_array().unwrap(), "grab");
+        assert!(
+            grabs.len() <= CAP,
+            "{} grab events in one window",
+            grabs.len()
+        );
+        for g in &grabs {
+            let user = g["user"]["id"].as_str().unwrap();
+            assert_eq!(
+                Some(&g["amount"].as_u64().unwrap()),
+                won.get(user),
+                "a real grab"
+            );
+        }
+        seen += grabs.len();
+    }
+    assert!(seen < USERS, "the storm was not capped: {seen} grab events");
+    let done: Vec<Value> = frames
+        .iter()
+        .flat_map(|f| of_type(f["events"].as_array().unwrap(), "redpacket_done"))
+        .collect();
+    assert_eq!(
+        (&done[0]["grabbed"], &done[0]["total_grabbed"]),
+        (&json!(USERS), &json!(30_000))
+    );
+    let sampled = support::metric(gw.addr, "danmaku_grab_events_sampled_out_total").await;
+    assert!(
+        sampled - sampled_before >= (USERS - seen) as f64,
+        "{sampled_before} -> {sampled}, seen {seen}"
+    );
+    gw.stop().await;
 }
