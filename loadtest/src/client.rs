@@ -23,86 +23,145 @@ use tokio_tungstenite::tungstenite::{self, Message, http::Uri};
 use crate::proto::{self, Decoded, Format};
 use crate::sys;
 
-/// The WebSocket configuration of every client connection: 4 KiB read buffer, no write
-/// buffering (each frame goes out when sent; latency matters more than syscalls here).
-pub fn ws_config() -> WebSocketConfig {
+/// The default read buffer per connection.
+pub const READ_BUFFER: usize = 4096;
+
+/// The WebSocket configuration of every client connection: a small read buffer
+/// (`read_buffer` bytes, default [`READ_BUFFER`]), no write buffering (each frame goes
+/// out when sent; latency matters more than syscalls here).
+pub fn ws_config(read_buffer: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(read_buffer.max(512))
         .write_buffer_size(0)
         .max_message_size(Some(16 << 20))
         .max_frame_size(Some(16 << 20))
 }
 
-/// Where and how connections are made; shared by all connection tasks of a run.
+/// One gateway endpoint: a `ws://` URL and the address it resolved to.
 #[derive(Debug, Clone)]
-pub struct Target {
+struct Endpoint {
     /// `ws://host:port/path`, without query.
     base_url: String,
     /// The resolved server address.
     server: SocketAddr,
-    /// Source addresses to bind, round-robin by connection index; empty = kernel's choice.
+}
+
+/// Where and how connections are made; shared by all connection tasks of a run.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Gateway endpoints; connection `i` goes to `endpoints[i % len]` (round-robin).
+    endpoints: Vec<Endpoint>,
+    /// Source addresses to bind, round-robin per endpoint; empty = kernel's choice.
     sources: Vec<IpAddr>,
     /// Wire format requested with `format=`.
     pub format: Format,
     /// Bound on TCP connect + upgrade + `joined`, per connection.
     pub connect_timeout: Duration,
+    /// tungstenite's read buffer per connection, bytes.
+    pub read_buffer: usize,
+}
+
+/// Checks one `--target` URL: `ws://host[:port]/path`, no query.
+///
+/// # Errors
+/// Another scheme, a query, or no host.
+pub fn check_ws_url(url: &str) -> anyhow::Result<()> {
+    let uri: Uri = url
+        .parse()
+        .with_context(|| format!("bad --target {url:?}"))?;
+    if uri.scheme_str() != Some("ws") {
+        bail!("--target must start with ws:// (got {url:?})");
+    }
+    if uri.query().is_some() {
+        bail!("--target must not carry a query: the tool adds token, room and format");
+    }
+    uri.host()
+        .with_context(|| format!("--target {url:?} has no host"))?;
+    Ok(())
 }
 
 impl Target {
-    /// Parses and resolves `url` (`ws://` only: this tool measures the gateway, not TLS).
+    /// Parses and resolves `urls` (`ws://` only: this tool measures the gateway, not
+    /// TLS); connections are spread over them round-robin.
     ///
     /// # Errors
-    /// A URL that is not `ws://host[:port]/path`, a host that does not resolve, or a
-    /// source address of another family than the server's.
+    /// No URL, a URL that is not `ws://host[:port]/path`, a host that does not resolve,
+    /// or a source address of another family than a server's.
     pub async fn resolve(
-        url: &str,
+        urls: &[String],
         sources: Vec<IpAddr>,
         format: Format,
         connect_timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let uri: Uri = url.parse().with_context(|| format!("bad --url {url:?}"))?;
-        if uri.scheme_str() != Some("ws") {
-            bail!("--url must start with ws:// (got {url:?})");
+        if urls.is_empty() {
+            bail!("no --target given");
         }
-        if uri.query().is_some() {
-            bail!("--url must not carry a query: the tool adds token, room and format");
-        }
-        let host = uri.host().context("--url has no host")?;
-        let port = uri.port_u16().unwrap_or(80);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-            .await
-            .with_context(|| format!("resolving {host}"))?
-            .collect();
-        if let Some(src) = sources.first() {
-            addrs.retain(|a| a.is_ipv4() == src.is_ipv4());
-        }
-        let server = *addrs
-            .first()
-            .with_context(|| format!("{host} has no address usable with the --sources given"))?;
-        if sources.iter().any(|s| s.is_ipv4() != server.is_ipv4()) {
+        if let Some(src) = sources.first()
+            && sources.iter().any(|s| s.is_ipv4() != src.is_ipv4())
+        {
             bail!("--sources mixes address families");
         }
-        let base_url = url.to_string();
+        let mut endpoints = Vec::with_capacity(urls.len());
+        for url in urls {
+            check_ws_url(url)?;
+            let (_, host, port, _) = crate::http::split_url(url)?;
+            let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+                .await
+                .with_context(|| format!("resolving {host}"))?
+                .collect();
+            if let Some(src) = sources.first() {
+                addrs.retain(|a| a.is_ipv4() == src.is_ipv4());
+            }
+            let server = *addrs.first().with_context(|| {
+                format!("{host} has no address usable with the --sources given")
+            })?;
+            endpoints.push(Endpoint {
+                base_url: url.clone(),
+                server,
+            });
+        }
         Ok(Self {
-            base_url,
-            server,
+            endpoints,
             sources,
             format,
             connect_timeout,
+            read_buffer: READ_BUFFER,
         })
     }
 
-    /// The server address connections go to.
-    pub fn server(&self) -> SocketAddr {
-        self.server
+    /// The server addresses connections go to, for log lines.
+    pub fn describe(&self) -> String {
+        let addrs: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| e.server.to_string())
+            .collect();
+        if addrs.len() == 1 {
+            addrs[0].clone()
+        } else {
+            format!("{} (round-robin)", addrs.join(", "))
+        }
     }
 
-    /// The upgrade URL for one connection.
-    fn request_url(&self, room: &str, token: Option<&str>) -> String {
+    fn endpoint(&self, index: usize) -> &Endpoint {
+        &self.endpoints[index % self.endpoints.len()]
+    }
+
+    /// The source address for connection `index`: round-robin over the sources within
+    /// each endpoint's share, so every endpoint gets every source's ports.
+    fn source(&self, index: usize) -> Option<IpAddr> {
+        if self.sources.is_empty() {
+            return None;
+        }
+        let per_endpoint = index / self.endpoints.len();
+        Some(self.sources[per_endpoint % self.sources.len()])
+    }
+
+    /// The upgrade URL for connection `index`.
+    fn request_url(&self, index: usize, room: &str, token: Option<&str>) -> String {
         let mut url = format!(
             "{}?room={room}&format={}",
-            self.base_url,
+            self.endpoint(index).base_url,
             self.format.as_str()
         );
         if let Some(token) = token {
@@ -145,9 +204,9 @@ impl Target {
         let tcp = self.tcp_connect(index).await?;
         *stage = Stage::Upgrade;
         let (ws, _response) = tokio_tungstenite::client_async_with_config(
-            self.request_url(room, token),
+            self.request_url(index, room, token),
             tcp,
-            Some(ws_config()),
+            Some(ws_config(self.read_buffer)),
         )
         .await
         .map_err(Failure::from_ws)?;
@@ -157,14 +216,10 @@ impl Target {
         Ok((conn, joined))
     }
 
-    /// TCP connect, from `sources[index % len]` when sources were given.
+    /// TCP connect to connection `index`'s endpoint, from its source address if any.
     async fn tcp_connect(&self, index: usize) -> Result<TcpStream, Failure> {
-        let stream = if self.sources.is_empty() {
-            TcpStream::connect(self.server)
-                .await
-                .map_err(|e| Failure::Tcp(e.kind()))?
-        } else {
-            let source = self.sources[index % self.sources.len()];
+        let server = self.endpoint(index).server;
+        let stream = if let Some(source) = self.source(index) {
             let socket = if source.is_ipv4() {
                 TcpSocket::new_v4()
             } else {
@@ -177,7 +232,11 @@ impl Target {
                 .bind(SocketAddr::new(source, 0))
                 .map_err(|e| Failure::Bind(source, e.kind()))?;
             socket
-                .connect(self.server)
+                .connect(server)
+                .await
+                .map_err(|e| Failure::Tcp(e.kind()))?
+        } else {
+            TcpStream::connect(server)
                 .await
                 .map_err(|e| Failure::Tcp(e.kind()))?
         };
@@ -319,5 +378,67 @@ impl Conn {
     /// Sends a close frame (best effort, bounded by `within`) and drops the connection.
     pub async fn close(mut self, within: Duration) {
         let _ = tokio::time::timeout(within, self.ws.close(None)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_target_urls() {
+        assert!(check_ws_url("ws://127.0.0.1:8080/ws").is_ok());
+        assert!(check_ws_url("wss://h/ws").is_err());
+        assert!(check_ws_url("http://h/ws").is_err());
+        assert!(check_ws_url("ws://h/ws?room=a").is_err());
+        assert!(check_ws_url("not a url").is_err());
+    }
+
+    #[tokio::test]
+    async fn assigns_endpoints_and_sources_round_robin() {
+        let urls = [
+            "ws://127.0.0.1:1/ws".to_string(),
+            "ws://127.0.0.1:2/ws".into(),
+        ];
+        let sources: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()];
+        let t = Target::resolve(&urls, sources, Format::Json, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(t.describe(), "127.0.0.1:1, 127.0.0.1:2 (round-robin)");
+        let ports: Vec<u16> = (0..4).map(|i| t.endpoint(i).server.port()).collect();
+        assert_eq!(ports, [1, 2, 1, 2]);
+        // Every endpoint gets every source.
+        let pairs: Vec<(u16, String)> = (0..4)
+            .map(|i| {
+                (
+                    t.endpoint(i).server.port(),
+                    t.source(i).unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                (1, "127.0.0.1".to_string()),
+                (2, "127.0.0.1".to_string()),
+                (1, "127.0.0.2".to_string()),
+                (2, "127.0.0.2".to_string())
+            ]
+        );
+        assert!(
+            t.request_url(3, "r", Some("tok"))
+                .starts_with("ws://127.0.0.1:2/ws?room=r&format=json&token=tok")
+        );
+        assert!(
+            Target::resolve(&[], vec![], Format::Json, Duration::from_secs(1))
+                .await
+                .is_err()
+        );
+        let mixed: Vec<IpAddr> = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        assert!(
+            Target::resolve(&urls, mixed, Format::Json, Duration::from_secs(1))
+                .await
+                .is_err()
+        );
     }
 }

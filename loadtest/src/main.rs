@@ -1,36 +1,44 @@
 //! `loadtest`: load generator for the danmaku WebSocket gateway.
 //!
-//! Three scenarios, each a bounded run that ends by itself and prints one report
+//! Six scenarios, each a bounded run that ends by itself and prints one report
 //! (a table, or one JSON object with `--json`) on stdout, with a progress line on stderr
 //! every second:
 //!
 //! - `fanout`: receivers and senders in rooms; chat delivery ratio and latency.
+//! - `rooms`: the same engine over many small rooms (10k viewers / 1k rooms by default).
+//! - `soak`: steady mixed traffic: chat, free gifts, viewers leaving/rejoining.
+//! - `redpacket`: a grab storm on one packet; latency, exact sums, server and journal.
 //! - `idle`: hold N idle viewers; with `--pid`, the gateway's RSS per connection.
 //! - `storm`: open N connections as fast as a concurrency allows; time to all joined.
 //!
 //! Exit status: 0 when the run met its criteria, 1 when it did not (a connection failed
-//! in `idle`/`storm`, the delivery ratio was below `--min-delivery-ratio` in `fanout`),
-//! 2 on a setup error.
+//! in `idle`/`storm`, a grab failed or a sum mismatched in `redpacket`, the delivery
+//! ratio was below `--min-delivery-ratio`, or an `--slo` was missed), 2 on a setup error.
 //!
-//! Modules: [`client`] (connect, bind, WebSocket config), [`proto`] (wire frames),
-//! [`auth`] (JWT minting), [`report`] (histograms, tallies, output), [`progress`]
-//! (stderr ticker), [`sys`] (rlimit, RSS), [`scenarios`] (the runs themselves).
+//! Modules: [`client`] (connect, bind, WebSocket config, round-robin targets), [`proto`]
+//! (wire frames), [`http`] (the backend API), [`auth`] (JWT minting), [`report`]
+//! (histograms, tallies, output), [`slo`] (objectives), [`progress`] (stderr ticker),
+//! [`sys`] (rlimit, RSS), [`scenarios`] (the runs themselves).
 
 mod auth;
 mod client;
+mod http;
 mod progress;
 mod proto;
 mod report;
 mod scenarios;
+mod slo;
 mod sys;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use report::Report;
-use scenarios::fanout::FanoutArgs;
+use scenarios::fanout::{FanoutArgs, RoomsArgs, SoakArgs};
 use scenarios::idle::IdleArgs;
+use scenarios::redpacket::RedpacketArgs;
 use scenarios::storm::StormArgs;
 
 #[derive(Debug, Parser)]
@@ -54,6 +62,12 @@ struct Cli {
 enum Command {
     /// Chat fan-out: receivers + senders over rooms; delivery ratio and latency.
     Fanout(FanoutArgs),
+    /// Many small rooms: fan-out with 10k receivers over 1k rooms (by default).
+    Rooms(RoomsArgs),
+    /// Steady mixed traffic: chat, free gifts, viewers leaving/rejoining, reconnects.
+    Soak(SoakArgs),
+    /// Red-packet grab storm: N users grab one packet at once; sums checked end to end.
+    Redpacket(RedpacketArgs),
     /// Hold N idle anonymous viewers; measure the gateway's RSS per connection (--pid).
     Idle(IdleArgs),
     /// Connect storm: N connections at concurrency C; time to all joined.
@@ -74,7 +88,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // Tasks still running (a stuck reader, say) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -90,7 +107,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     scenarios::watch_ctrl_c();
     let json = cli.json;
     match cli.command {
-        Command::Fanout(args) => Ok(finish(&scenarios::fanout::run(args, nofile).await?, json)),
+        Command::Fanout(args) => Ok(finish(
+            &scenarios::fanout::run_fanout(args, nofile).await?,
+            json,
+        )),
+        Command::Rooms(args) => Ok(finish(
+            &scenarios::fanout::run_rooms(args, nofile).await?,
+            json,
+        )),
+        Command::Soak(args) => Ok(finish(
+            &scenarios::fanout::run_soak(args, nofile).await?,
+            json,
+        )),
+        Command::Redpacket(args) => Ok(finish(
+            &scenarios::redpacket::run(args, nofile).await?,
+            json,
+        )),
         Command::Idle(args) => Ok(finish(&scenarios::idle::run(args, nofile).await?, json)),
         Command::Storm(args) => Ok(finish(&scenarios::storm::run(args, nofile).await?, json)),
     }
@@ -99,4 +131,100 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 fn finish<R: Report>(report: &R, json: bool) -> bool {
     report::emit(report, json);
     report.passed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("loadtest").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn targets_split_on_commas_and_url_is_an_alias() {
+        let Command::Fanout(a) = parse(&["fanout"]).command else {
+            panic!("not fanout")
+        };
+        assert_eq!(a.conn.targets, ["ws://127.0.0.1:8080/ws"]);
+        let Command::Storm(a) = parse(&[
+            "storm",
+            "--target",
+            "ws://10.0.0.1:8080/ws,ws://10.0.0.2:8080/ws",
+        ])
+        .command
+        else {
+            panic!("not storm")
+        };
+        assert_eq!(
+            a.conn.targets,
+            ["ws://10.0.0.1:8080/ws", "ws://10.0.0.2:8080/ws"]
+        );
+        assert_eq!(a.conn.url(), "ws://10.0.0.1:8080/ws,ws://10.0.0.2:8080/ws");
+        let Command::Idle(a) =
+            parse(&["idle", "--url", "ws://h:1/ws", "--url", "ws://h:2/ws"]).command
+        else {
+            panic!("not idle")
+        };
+        assert_eq!(a.conn.targets, ["ws://h:1/ws", "ws://h:2/ws"]);
+    }
+
+    #[test]
+    fn slo_flags_parse_on_every_scenario() {
+        for scenario in ["fanout", "rooms", "soak", "redpacket", "idle", "storm"] {
+            let cli = parse(&[
+                scenario,
+                "--slo",
+                "delivery=0.999,p99_ms=100",
+                "--slo-p99-ms",
+                "80",
+            ]);
+            let conn = match cli.command {
+                Command::Fanout(a) => a.conn,
+                Command::Rooms(a) => a.conn,
+                Command::Soak(a) => a.conn,
+                Command::Redpacket(a) => a.conn,
+                Command::Idle(a) => a.conn,
+                Command::Storm(a) => a.conn,
+            };
+            let slo = conn.slo.slo();
+            assert_eq!((slo.delivery, slo.p99_ms), (Some(0.999), Some(80.0)));
+        }
+        for bad in [
+            &["fanout", "--slo", "delivery=2"][..],
+            &["fanout", "--slo", "nope=1"],
+            &["storm", "--slo-delivery", "1.1"],
+            &["storm", "--slo-p99-ms", "-3"],
+        ] {
+            assert!(
+                Cli::try_parse_from(std::iter::once("loadtest").chain(bad.iter().copied()))
+                    .is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn scenario_defaults() {
+        let Command::Rooms(a) = parse(&["rooms"]).command else {
+            panic!("not rooms")
+        };
+        assert_eq!(
+            (a.conns, a.rooms, a.senders, a.rate, a.duration),
+            (10_000, 1000, 100, 100.0, 20.0)
+        );
+        let Command::Redpacket(a) =
+            parse(&["redpacket", "--conns", "50", "--journal", "/tmp/d"]).command
+        else {
+            panic!("not redpacket")
+        };
+        assert_eq!((a.conns, a.shares, a.total), (50, None, None));
+        assert_eq!(a.api_token, "dev-api-token-change-me");
+        assert_eq!(a.journal.as_deref(), Some(std::path::Path::new("/tmp/d")));
+        let Command::Soak(a) = parse(&["soak", "--duration", "5"]).command else {
+            panic!("not soak")
+        };
+        assert_eq!((a.duration, a.gift.as_str()), (5.0, "rose"));
+    }
 }

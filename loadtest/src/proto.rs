@@ -1,7 +1,8 @@
 //! The client's side of the gateway's wire protocol v1 (`shared/PROTOCOL.md`), reduced to
-//! what a load generator needs: encoding the ops it sends (`chat`), decoding the frames it
-//! reads (`hello`, `joined`, `ack`, `error`, `batch`) in either wire format, and the chat
-//! text convention that carries a send timestamp through the gateway.
+//! what a load generator needs: encoding the ops it sends (`chat`, `gift`, `grab`, `join`,
+//! `leave`), decoding the frames it reads (`hello`, `joined`, `ack`, `error`, `batch`) in
+//! either wire format, and the chat text convention that carries a send timestamp
+//! through the gateway.
 //!
 //! Decoding borrows from the received frame wherever it can (op names, codes and our own
 //! chat texts never need unescaping), so a receiver parses a `batch` without copying the
@@ -33,30 +34,108 @@ impl Format {
     }
 }
 
-/// A `chat` op as sent by a client.
+/// The ops the load generator sends, each with a `ref` so its reply can be matched.
 #[derive(Debug, Serialize)]
-struct ChatOp<'a> {
-    op: &'static str,
-    room: &'a str,
-    text: &'a str,
-    #[serde(rename = "ref")]
-    reference: i64,
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum ClientOp<'a> {
+    Chat {
+        room: &'a str,
+        text: &'a str,
+        #[serde(rename = "ref")]
+        reference: i64,
+    },
+    Gift {
+        room: &'a str,
+        gift: &'a str,
+        count: u32,
+        #[serde(rename = "ref")]
+        reference: i64,
+    },
+    Grab {
+        room: &'a str,
+        packet: &'a str,
+        #[serde(rename = "ref")]
+        reference: i64,
+    },
+    Join {
+        room: &'a str,
+        #[serde(rename = "ref")]
+        reference: i64,
+    },
+    Leave {
+        room: &'a str,
+        #[serde(rename = "ref")]
+        reference: i64,
+    },
+}
+
+/// Encodes one op in `format` (JSON text or MessagePack binary with named fields).
+pub fn encode(format: Format, op: &ClientOp<'_>) -> Message {
+    match format {
+        // Neither serializer can fail on a struct of strings and integers.
+        Format::Json => Message::text(serde_json::to_string(op).expect("client ops serialize")),
+        Format::Msgpack => Message::Binary(Bytes::from(
+            rmp_serde::to_vec_named(op).expect("client ops serialize"),
+        )),
+    }
 }
 
 /// Encodes `{"op":"chat","room":..,"text":..,"ref":..}` in `format`.
 pub fn encode_chat(format: Format, room: &str, text: &str, reference: i64) -> Message {
-    let op = ChatOp {
-        op: "chat",
-        room,
-        text,
-        reference,
+    encode(
+        format,
+        &ClientOp::Chat {
+            room,
+            text,
+            reference,
+        },
+    )
+}
+
+/// Whether a message is a `batch` frame, judged from its first bytes only (the gateway
+/// writes `op` first in both formats). Lets a client that only counts room traffic skip
+/// decoding it.
+pub fn is_batch(msg: &Message) -> bool {
+    const JSON: &[u8] = br#"{"op":"batch""#;
+    // fixstr "op", fixstr "batch".
+    const MSGPACK: &[u8] = b"\xa2op\xa5batch";
+    match msg {
+        Message::Text(t) => t.as_bytes().starts_with(JSON),
+        Message::Binary(b) => {
+            let skip = match b.first() {
+                Some(0x80..=0x8f) => 1,
+                Some(0xde) => 3,
+                Some(0xdf) => 5,
+                _ => return false,
+            };
+            b.get(skip..).is_some_and(|rest| rest.starts_with(MSGPACK))
+        }
+        _ => false,
+    }
+}
+
+/// Whether `haystack` contains `needle` (for spotting an event type in a raw frame).
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
     };
-    match format {
-        // Neither serializer can fail on a struct of strings and an integer.
-        Format::Json => Message::text(serde_json::to_string(&op).expect("chat op serializes")),
-        Format::Msgpack => Message::Binary(Bytes::from(
-            rmp_serde::to_vec_named(&op).expect("chat op serializes"),
-        )),
+    let mut from = 0;
+    while let Some(i) = haystack[from..].iter().position(|&b| b == first) {
+        let at = from + i + 1;
+        if haystack[at..].starts_with(rest) {
+            return true;
+        }
+        from = at;
+    }
+    false
+}
+
+/// Whether a received message's payload contains `needle`.
+pub fn message_contains(msg: &Message, needle: &str) -> bool {
+    match msg {
+        Message::Text(t) => t.as_str().contains(needle),
+        Message::Binary(b) => contains(b, needle.as_bytes()),
+        _ => false,
     }
 }
 
@@ -76,6 +155,12 @@ pub struct ServerFrame<'a> {
     /// Room's online count (`joined`).
     #[serde(default)]
     pub online: Option<u64>,
+    /// Amount won (`ack` of a `grab`).
+    #[serde(default)]
+    pub amount: Option<u64>,
+    /// When to retry (`error` `rate_limited`).
+    #[serde(default)]
+    pub retry_after_ms: Option<u64>,
     /// Events of a `batch`.
     #[serde(default, borrow)]
     pub events: Vec<ServerEvent<'a>>,
@@ -90,6 +175,22 @@ pub struct ServerEvent<'a> {
     /// Chat or system text. Borrowed unless the JSON string had escapes.
     #[serde(default, borrow)]
     pub text: Option<CowStr<'a>>,
+    /// Who sent it (`chat`, `gift`, `grab`, ...).
+    #[serde(default, borrow)]
+    pub user: Option<EventUser<'a>>,
+    /// Gift id (`gift`).
+    #[serde(default, borrow)]
+    pub gift: Option<CowStr<'a>>,
+    /// Gift count (`gift`; a user's same gift within a window is merged, counts summed).
+    #[serde(default)]
+    pub count: Option<u64>,
+}
+
+/// An event's `user`; only the id is read.
+#[derive(Debug, Deserialize)]
+pub struct EventUser<'a> {
+    #[serde(borrow)]
+    pub id: CowStr<'a>,
 }
 
 /// A string borrowed from the frame when possible (serde only borrows a `Cow` that is a
@@ -232,6 +333,104 @@ mod tests {
             t.as_str(),
             r#"{"op":"chat","room":"r","text":"hi","ref":9}"#
         );
+    }
+
+    #[test]
+    fn encodes_every_op_with_op_first() {
+        let ops = [
+            (
+                ClientOp::Gift {
+                    room: "r",
+                    gift: "rose",
+                    count: 1,
+                    reference: 2,
+                },
+                r#"{"op":"gift","room":"r","gift":"rose","count":1,"ref":2}"#,
+            ),
+            (
+                ClientOp::Grab {
+                    room: "r",
+                    packet: "p1",
+                    reference: 3,
+                },
+                r#"{"op":"grab","room":"r","packet":"p1","ref":3}"#,
+            ),
+            (
+                ClientOp::Join {
+                    room: "r",
+                    reference: 4,
+                },
+                r#"{"op":"join","room":"r","ref":4}"#,
+            ),
+            (
+                ClientOp::Leave {
+                    room: "r",
+                    reference: 5,
+                },
+                r#"{"op":"leave","room":"r","ref":5}"#,
+            ),
+        ];
+        for (op, want) in ops {
+            let Message::Text(t) = encode(Format::Json, &op) else {
+                panic!("not text")
+            };
+            assert_eq!(t.as_str(), want);
+            let Message::Binary(b) = encode(Format::Msgpack, &op) else {
+                panic!("not binary")
+            };
+            let v: serde_json::Value = rmp_serde::from_slice(&b).unwrap();
+            assert_eq!(v, serde_json::from_str::<serde_json::Value>(want).unwrap());
+        }
+    }
+
+    #[test]
+    fn spots_batches_without_decoding() {
+        // The gateway writes `op` first (serde's internally tagged enum), in both formats.
+        #[derive(Serialize)]
+        struct Batch {
+            op: &'static str,
+            room: &'static str,
+            events: Vec<serde_json::Value>,
+        }
+        let batch = Batch {
+            op: "batch",
+            room: "r",
+            events: vec![serde_json::json!({"id":"a","ts":1,"type":"redpacket_done",
+                "packet":"p","grabbed":1,"total_grabbed":5,"expired":false})],
+        };
+        let text = Message::text(serde_json::to_string(&batch).unwrap());
+        let bin = Message::Binary(rmp_serde::to_vec_named(&batch).unwrap().into());
+        assert!(is_batch(&text) && is_batch(&bin));
+        assert!(
+            message_contains(&text, "redpacket_done") && message_contains(&bin, "redpacket_done")
+        );
+        assert!(!message_contains(&bin, "redpacket_gone"));
+        let ack = serde_json::json!({"op":"ack","ref":1,"amount":7});
+        assert!(!is_batch(&Message::text(ack.to_string())));
+        assert!(!is_batch(&Message::Binary(
+            rmp_serde::to_vec_named(&ack).unwrap().into()
+        )));
+        let ack_msg = Message::text(ack.to_string());
+        let Decoded::Frame(f) = decode(&ack_msg) else {
+            panic!("not a frame")
+        };
+        assert_eq!((f.op, f.reference, f.amount), ("ack", Some(1), Some(7)));
+        assert!(contains(b"aab", b"ab") && !contains(b"a", b"ab") && contains(b"x", b""));
+    }
+
+    #[test]
+    fn decodes_gift_events_with_user_and_count() {
+        let raw = r#"{"op":"batch","room":"r","events":[
+            {"id":"n-1","ts":5,"type":"gift","user":{"id":"lt-1-s0","name":"n"},"gift":"rose","count":3}]}"#;
+        let msg = Message::text(raw);
+        let Decoded::Frame(f) = decode(&msg) else {
+            panic!("not a frame")
+        };
+        let ev = &f.events[0];
+        assert_eq!(ev.kind, "gift");
+        assert_eq!(ev.user.as_ref().unwrap().id.0, "lt-1-s0");
+        assert_eq!(ev.gift.as_ref().unwrap().0, "rose");
+        assert_eq!(ev.count, Some(3));
     }
 
     #[test]

@@ -56,6 +56,13 @@ impl ShardedHist {
     }
 }
 
+impl Default for ShardedHist {
+    /// 16 shards.
+    fn default() -> Self {
+        Self::new(16)
+    }
+}
+
 /// Locks a mutex, ignoring poisoning (a panicked task must not hide the measurements).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)

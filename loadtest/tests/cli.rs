@@ -1,52 +1,133 @@
 //! End-to-end checks of the `loadtest` binary against a minimal in-process mock of the
-//! gateway (hello, joined, chat → ack + one `batch` per chat to every member), so the tool
-//! can be tested without the real gateway: delivery accounting, both wire formats, the
-//! JSON report, and the exit codes.
+//! gateway, so the tool can be tested without the real gateway: hello, joined, chat/gift
+//! → ack + one `batch` per op to every member, join/leave, grab (with a `busy` on the
+//! first attempt of every third connection, to exercise retries), and the HTTP API's
+//! red-packet create/status on the same port, with a settlement log in a directory.
+//! Checked: delivery accounting, both wire formats, several targets, the JSON reports,
+//! SLOs and the exit codes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
-/// Room → members' outboxes (each with its binary flag).
-type Rooms = Arc<Mutex<HashMap<String, Vec<(bool, UnboundedSender<Message>)>>>>;
+/// One member of a room: connection id, binary flag, outbox.
+type Member = (u64, bool, UnboundedSender<Message>);
+
+/// A mock red packet.
+#[derive(Default)]
+struct Packet {
+    room: String,
+    total: u64,
+    shares: u64,
+    /// Amounts not handed out yet.
+    left: Vec<u64>,
+    grabs: Vec<(String, u64)>,
+    holders: HashSet<String>,
+}
+
+#[derive(Default)]
+struct Mock {
+    rooms: Mutex<HashMap<String, Vec<Member>>>,
+    packets: Mutex<HashMap<String, Packet>>,
+    /// Where grabs are settled (`settlement.jsonl`), if anywhere.
+    settlement: Option<PathBuf>,
+}
+
+impl Mock {
+    fn broadcast(&self, room: &str, events: Value) {
+        let batch = json!({"op":"batch","room":room,"events":events});
+        let rooms = self.rooms.lock().unwrap();
+        for (_, bin, member) in rooms.get(room).map(Vec::as_slice).unwrap_or_default() {
+            let _ = member.send(encode(*bin, &batch));
+        }
+    }
+}
+
+/// A frame serialized with `op` first, as the gateway does (a `json!` map sorts keys).
+struct OpFirst<'a>(&'a Value);
+
+impl serde::Serialize for OpFirst<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let map = self.0.as_object().expect("frames are objects");
+        let mut m = s.serialize_map(Some(map.len()))?;
+        m.serialize_entry("op", &map["op"])?;
+        for (k, v) in map.iter().filter(|(k, _)| *k != "op") {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
 
 fn encode(binary: bool, v: &Value) -> Message {
     if binary {
-        Message::binary(rmp_serde::to_vec_named(v).unwrap())
+        Message::binary(rmp_serde::to_vec_named(&OpFirst(v)).unwrap())
     } else {
-        Message::text(v.to_string())
+        Message::text(serde_json::to_string(&OpFirst(v)).unwrap())
     }
 }
 
 /// Starts the mock on an ephemeral port of a background runtime; returns its address.
 fn start_mock() -> SocketAddr {
+    start_mock_with(None)
+}
+
+/// The mock, settling grabs into `dir/settlement.jsonl` when given.
+fn start_mock_with(settlement: Option<PathBuf>) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
-            let rooms: Rooms = Arc::default();
+            let mock = Arc::new(Mock {
+                settlement,
+                ..Mock::default()
+            });
             let mut next_id = 0_u64;
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
                 next_id += 1;
-                tokio::spawn(serve(tcp, next_id, Arc::clone(&rooms)));
+                tokio::spawn(serve(tcp, next_id, Arc::clone(&mock)));
             }
         });
     });
     rx.recv().unwrap()
 }
 
-async fn serve(tcp: tokio::net::TcpStream, id: u64, rooms: Rooms) {
+/// The user id in a token (the mock trusts the tool's dev secret).
+fn user_of(token: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        sub: String,
+    }
+    jsonwebtoken::decode::<Claims>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(b"dev-secret-change-me"),
+        &jsonwebtoken::Validation::default(),
+    )
+    .unwrap()
+    .claims
+    .sub
+}
+
+async fn serve(tcp: TcpStream, id: u64, mock: Arc<Mock>) {
+    let mut head = [0u8; 16];
+    let n = tcp.peek(&mut head).await.unwrap_or(0);
+    if head[..n].starts_with(b"POST /api") || head[..n].starts_with(b"GET /api") {
+        return serve_http(tcp, mock).await;
+    }
     let mut query = String::new();
     // The callback's signature is tungstenite's (its error type is a whole response).
     #[allow(clippy::result_large_err)]
@@ -62,7 +143,7 @@ async fn serve(tcp: tokio::net::TcpStream, id: u64, rooms: Rooms) {
         .filter_map(|kv| kv.split_once('='))
         .collect();
     let binary = params.get("format") == Some(&"msgpack");
-    let authed = params.contains_key("token");
+    let user = params.get("token").map(|t| user_of(t));
     let room = params.get("room").map(|r| r.to_string());
     let (mut sink, mut stream) = ws.split();
     let (out, mut outbox) = unbounded_channel::<Message>();
@@ -73,41 +154,217 @@ async fn serve(tcp: tokio::net::TcpStream, id: u64, rooms: Rooms) {
             }
         }
     });
-    let hello =
-        json!({"op":"hello","conn":id.to_string(),"node":"mock","user":null,"heartbeat_ms":25000});
-    let _ = out.send(encode(binary, &hello));
-    if let Some(room) = &room {
-        let mut rooms = rooms.lock().unwrap();
-        let members = rooms.entry(room.clone()).or_default();
-        members.push((binary, out.clone()));
-        let joined =
+    let send = |v: Value| {
+        let _ = out.send(encode(binary, &v));
+    };
+    send(
+        json!({"op":"hello","conn":id.to_string(),"node":"mock","user":null,"heartbeat_ms":25000}),
+    );
+    let join = |room: &str, reference: Option<&Value>| {
+        let mut rooms = mock.rooms.lock().unwrap();
+        let members = rooms.entry(room.to_string()).or_default();
+        if !members.iter().any(|(m, _, _)| *m == id) {
+            members.push((id, binary, out.clone()));
+        }
+        let mut joined =
             json!({"op":"joined","room":room,"online":members.len(),"history":[],"redpackets":[]});
+        if let Some(r) = reference {
+            joined["ref"] = r.clone();
+        }
         let _ = out.send(encode(binary, &joined));
+    };
+    if let Some(room) = &room {
+        join(room, None);
     }
+    let mut grabs_seen = 0_u64;
     while let Some(Ok(msg)) = stream.next().await {
         let op: Value = match &msg {
             Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
             Message::Binary(b) => rmp_serde::from_slice(b).unwrap(),
             _ => continue,
         };
-        if op["op"] != "chat" {
-            continue;
-        }
-        if !authed {
-            let err =
-                json!({"op":"error","ref":op["ref"],"code":"unauthorized","message":"anonymous"});
-            let _ = out.send(encode(binary, &err));
-            continue;
-        }
-        let _ = out.send(encode(binary, &json!({"op":"ack","ref":op["ref"]})));
-        let batch = json!({"op":"batch","room":op["room"],"events":[
-            {"id":"m-1","ts":0,"type":"chat","user":{"id":"u","name":"n"},"text":op["text"]},
-            {"id":"m-2","ts":0,"type":"presence","online":1}]});
-        let rooms = rooms.lock().unwrap();
-        for (bin, member) in &rooms[op["room"].as_str().unwrap()] {
-            let _ = member.send(encode(*bin, &batch));
+        let reference = op["ref"].clone();
+        let room = op["room"].as_str().unwrap_or_default().to_string();
+        let error = |code: &str| json!({"op":"error","ref":reference,"code":code,"message":code});
+        match op["op"].as_str().unwrap_or_default() {
+            "join" => join(&room, Some(&reference)),
+            "leave" => {
+                if let Some(members) = mock.rooms.lock().unwrap().get_mut(&room) {
+                    members.retain(|(m, _, _)| *m != id);
+                }
+                send(json!({"op":"ack","ref":reference}));
+            }
+            "chat" | "gift" => {
+                let Some(user) = &user else {
+                    send(error("unauthorized"));
+                    continue;
+                };
+                send(json!({"op":"ack","ref":reference}));
+                let u = json!({"id":user,"name":"n"});
+                let event = if op["op"] == "chat" {
+                    json!({"id":"m-1","ts":0,"type":"chat","user":u,"text":op["text"]})
+                } else {
+                    json!({"id":"m-1","ts":0,"type":"gift","user":u,"gift":op["gift"],"count":op["count"]})
+                };
+                mock.broadcast(
+                    &room,
+                    json!([event, {"id":"m-2","ts":0,"type":"presence","online":1}]),
+                );
+            }
+            "grab" => {
+                let Some(user) = &user else {
+                    send(error("unauthorized"));
+                    continue;
+                };
+                grabs_seen += 1;
+                if id.is_multiple_of(3) && grabs_seen == 1 {
+                    send(error("busy"));
+                    continue;
+                }
+                let pid = op["packet"].as_str().unwrap_or_default().to_string();
+                let outcome = {
+                    let mut packets = mock.packets.lock().unwrap();
+                    match packets.get_mut(&pid) {
+                        None => Err("packet_not_found"),
+                        Some(p) if p.holders.contains(user) => Err("already_grabbed"),
+                        Some(p) => match p.left.pop() {
+                            None => Err("packet_empty"),
+                            Some(amount) => {
+                                p.holders.insert(user.clone());
+                                p.grabs.push((user.clone(), amount));
+                                Ok((amount, p.left.is_empty(), p.grabs.len(), p.total))
+                            }
+                        },
+                    }
+                };
+                match outcome {
+                    Err(code) => send(error(code)),
+                    Ok((amount, done, grabbed, total)) => {
+                        if let Some(dir) = &mock.settlement {
+                            let line = json!({"packet":pid,"room":room,
+                                "user":{"id":user,"name":"n"},"amount":amount,"ts":1});
+                            let mut f = std::fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(dir.join("settlement.jsonl"))
+                                .unwrap();
+                            // One write per line: concurrent appends stay whole.
+                            f.write_all(format!("{line}\n").as_bytes()).unwrap();
+                        }
+                        send(json!({"op":"ack","ref":reference,"amount":amount}));
+                        let mut events = vec![json!({"id":"g","ts":0,"type":"grab","packet":pid,
+                            "user":{"id":user,"name":"n"},"amount":amount})];
+                        if done {
+                            events.push(json!({"id":"d","ts":0,"type":"redpacket_done",
+                                "packet":pid,"grabbed":grabbed,"total_grabbed":total,"expired":false}));
+                        }
+                        mock.broadcast(&room, Value::Array(events));
+                    }
+                }
+            }
+            _ => {}
         }
     }
+    for members in mock.rooms.lock().unwrap().values_mut() {
+        members.retain(|(m, _, _)| *m != id);
+    }
+}
+
+/// The mock's HTTP API: create a packet, read its status. One request per connection.
+async fn serve_http(mut tcp: TcpStream, mock: Arc<Mock>) {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let (head, mut body) = loop {
+        let n = tcp.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            return;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break (
+                String::from_utf8_lossy(&raw[..i]).to_string(),
+                raw[i + 4..].to_vec(),
+            );
+        }
+    };
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while body.len() < length {
+        let n = tcp.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
+    let request_line = head.lines().next().unwrap_or_default().to_string();
+    let authorized = head.contains("Authorization: Bearer dev-api-token-change-me");
+    let path = request_line.split(' ').nth(1).unwrap_or_default();
+    let (status, reply) = if !authorized {
+        (
+            401,
+            json!({"code":"unauthorized","message":"bad API token"}),
+        )
+    } else if request_line.starts_with("POST ") && path.ends_with("/redpackets") {
+        let room = path.split('/').nth(4).unwrap_or_default().to_string();
+        let req: Value = serde_json::from_slice(&body).unwrap();
+        let (total, shares) = (
+            req["total"].as_u64().unwrap(),
+            req["shares"].as_u64().unwrap(),
+        );
+        let mut left = vec![total / shares; shares as usize];
+        left[0] += total % shares;
+        let mut packets = mock.packets.lock().unwrap();
+        let pid = format!("rp-mock-{}", packets.len());
+        packets.insert(
+            pid.clone(),
+            Packet {
+                room,
+                total,
+                shares,
+                left,
+                ..Packet::default()
+            },
+        );
+        (201, json!({"packet": pid}))
+    } else if let Some(pid) = path.strip_prefix("/api/v1/redpackets/") {
+        let packets = mock.packets.lock().unwrap();
+        match packets.get(pid) {
+            Some(p) => {
+                let total_grabbed: u64 = p.grabs.iter().map(|g| g.1).sum();
+                let grabs: Vec<Value> = p
+                    .grabs
+                    .iter()
+                    .map(|(u, a)| json!({"user":{"id":u,"name":"n"},"amount":a}))
+                    .collect();
+                (
+                    200,
+                    json!({"packet":pid,"room":p.room,"total":p.total,"shares":p.shares,
+                        "grabbed":p.grabs.len(),"total_grabbed":total_grabbed,
+                        "remaining":p.left.len(),"expired":false,"grabs":grabs}),
+                )
+            }
+            None => (
+                404,
+                json!({"code":"packet_not_found","message":"no such packet"}),
+            ),
+        }
+    } else {
+        (404, json!({"code":"not_found","message":"no such route"}))
+    };
+    let body = reply.to_string();
+    // Chunked, to exercise the tool's decoder.
+    let resp = format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let _ = tcp.write_all(resp.as_bytes()).await;
+    let _ = tcp.shutdown().await;
 }
 
 /// Runs the binary; returns (exit code, stdout parsed as the JSON report).
@@ -195,8 +452,21 @@ fn idle_and_storm_report_and_fail_on_refused_connections() {
     assert_eq!(r["connect"]["max_online_seen"], 40);
     assert_eq!(r["connect"]["connect_latency"]["count"], 40);
 
-    let (code, r) = loadtest(&["idle", "--url", &url, "--conns", "20", "--hold", "0.3"]);
+    // The mock runs in this process: it is the "gateway" whose CPU and RSS get reported.
+    let me = std::process::id().to_string();
+    let (code, r) = loadtest(&[
+        "idle", "--url", &url, "--conns", "20", "--hold", "0.3", "--pid", &me,
+    ]);
     assert_eq!(code, 0, "{r}");
+    let gw = &r["usage"]["gateway"];
+    assert_eq!(gw["pid"], me.as_str(), "{r}");
+    assert!(gw["cpu_s"].as_f64().unwrap() >= 0.0, "{r}");
+    assert!(gw["hwm_after_bytes"].as_u64().unwrap() >= gw["rss_after_bytes"].as_u64().unwrap());
+    assert!(r["server_rss"]["before_bytes"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        r["usage"]["loadtest"]["rss_after_bytes"].as_u64().unwrap() > 0,
+        "{r}"
+    );
     assert_eq!(r["open_at_end"], 20, "{r}");
     assert!(r["client_rss"]["before_bytes"].as_u64().unwrap() > 0, "{r}");
 
@@ -221,4 +491,196 @@ fn idle_and_storm_report_and_fail_on_refused_connections() {
         r["connect"]["failures"]["tcp connect: ConnectionRefused"], 5,
         "{r}"
     );
+}
+
+#[test]
+fn redpacket_storm_checks_sums_server_and_settlement_log() {
+    let dir = std::env::temp_dir().join(format!("lt-cli-journal-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = start_mock_with(Some(dir.clone()));
+    let url = format!("ws://{addr}/ws");
+    let journal = dir.to_str().unwrap();
+    let (code, r) = loadtest(&[
+        "redpacket",
+        "--target",
+        &url,
+        "--conns",
+        "30",
+        "--warmup",
+        "0.1",
+        "--drain",
+        "0.3",
+        "--journal",
+        journal,
+        "--slo",
+        "delivery=1,p99_ms=5000",
+    ]);
+    assert_eq!(code, 0, "{r}");
+    let g = &r["grabs"];
+    assert_eq!(g["successes"], 30, "{r}");
+    assert_eq!(g["failures"], 0, "{r}");
+    assert_eq!(g["sum"], 3000, "{r}");
+    assert_eq!(g["sum_equals_total"], true, "{r}");
+    // Every third connection got one `busy` first.
+    assert_eq!(g["retried"]["busy"], 10, "{r}");
+    assert_eq!(g["attempts"], 40, "{r}");
+    assert_eq!(g["latency"]["count"], 30, "{r}");
+    assert_eq!(g["attempt_latency"]["count"], 40, "{r}");
+    assert_eq!(r["server"]["matches"], true, "{r}");
+    assert_eq!(r["server"]["grabbed"], 30, "{r}");
+    assert_eq!(r["journal"]["lines"], 30, "{r}");
+    assert_eq!(r["journal"]["sum"], 3000, "{r}");
+    assert_eq!(r["journal"]["matches"], true, "{r}");
+    assert_eq!(r["done_seen"], 30, "{r}");
+    assert_eq!(r["slo"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(r["passed"], true);
+
+    // Fewer shares than users: the rest get `packet_empty`, which is expected; an SLO
+    // nobody can meet fails the run.
+    let (code, r) = loadtest(&[
+        "redpacket",
+        "--url",
+        &url,
+        "--conns",
+        "20",
+        "--shares",
+        "8",
+        "--total",
+        "801",
+        "--warmup",
+        "0.1",
+        "--drain",
+        "0.2",
+        "--format",
+        "msgpack",
+        "--slo-p99-ms",
+        "0",
+    ]);
+    assert_eq!(code, 1, "{r}");
+    let g = &r["grabs"];
+    assert_eq!(
+        (&g["successes"], &g["expected_successes"]),
+        (&json!(8), &json!(8)),
+        "{r}"
+    );
+    assert_eq!(g["failures_by_code"]["packet_empty"], 12, "{r}");
+    assert_eq!(g["unexpected_failures"], 0, "{r}");
+    assert_eq!(g["sum"], 801, "{r}");
+    assert_eq!(r["server"]["matches"], true, "{r}");
+    assert_eq!(r["slo"][0]["met"], false, "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn rooms_and_soak_account_gifts_churn_and_reconnects() {
+    let addr = start_mock();
+    let url = format!("ws://{addr}/ws");
+    let (code, r) = loadtest(&[
+        "rooms",
+        "--url",
+        &url,
+        "--conns",
+        "40",
+        "--rooms",
+        "20",
+        "--senders",
+        "4",
+        "--rate",
+        "4",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.1",
+        "--drain",
+        "0.3",
+        "--slo",
+        "delivery=1",
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["scenario"], "rooms");
+    // Senders sit in rooms 0, 5, 10, 15, each with 2 receivers.
+    let acked = r["chats"]["acked"].as_u64().unwrap();
+    assert!(acked >= 4, "{r}");
+    assert_eq!(
+        r["deliveries"]["expected"].as_u64().unwrap(),
+        acked * 3,
+        "{r}"
+    );
+    assert_eq!(r["deliveries"]["ratio"], 1.0, "{r}");
+
+    let (code, r) = loadtest(&[
+        "soak",
+        "--url",
+        &url,
+        "--conns",
+        "24",
+        "--rooms",
+        "2",
+        "--senders",
+        "4",
+        "--rate",
+        "4",
+        "--gift-rate",
+        "8",
+        "--churn",
+        "0.5",
+        "--churn-period",
+        "0.3",
+        "--away",
+        "0.05",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.1",
+        "--drain",
+        "0.5",
+        "--slo",
+        "delivery=1,p99_ms=5000",
+    ]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["scenario"], "soak");
+    // Stable members per room: 6 viewers + 2 senders.
+    let acked = r["chats"]["acked"].as_u64().unwrap();
+    assert_eq!(
+        r["deliveries"]["expected"].as_u64().unwrap(),
+        acked * 8,
+        "{r}"
+    );
+    assert_eq!(r["deliveries"]["ratio"], 1.0, "{r}");
+    let gifts = &r["gifts"];
+    assert!(gifts["acked"].as_u64().unwrap() >= 8, "{r}");
+    assert_eq!(
+        gifts["expected"].as_u64().unwrap(),
+        gifts["acked"].as_u64().unwrap() * 8,
+        "{r}"
+    );
+    assert_eq!(gifts["ratio"], 1.0, "{r}");
+    let churn = &r["churn"];
+    assert_eq!(churn["churners"], 12, "{r}");
+    let cycles = churn["rejoins"].as_u64().unwrap() + churn["reconnects"].as_u64().unwrap();
+    assert!(cycles >= 12, "{r}");
+    assert!(churn["leaves"].as_u64().unwrap() > 0, "{r}");
+    assert!(churn["reconnects"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(churn["errors"], json!({}), "{r}");
+    assert_eq!(r["passed"], true);
+}
+
+#[test]
+fn several_targets_share_the_connections() {
+    let (a, b) = (start_mock(), start_mock());
+    let targets = format!("ws://{a}/ws,ws://{b}/ws");
+    let (code, r) = loadtest(&["storm", "--target", &targets, "--conns", "40"]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["connect"]["ok"], 40, "{r}");
+    // Each mock saw half of the room.
+    assert_eq!(r["connect"]["max_online_seen"], 20, "{r}");
+    assert_eq!(r["url"], targets.as_str());
+    // An unmeetable connect-latency SLO fails the run.
+    let (code, r) = loadtest(&[
+        "storm", "--url", &targets, "--conns", "4", "--slo", "p50_ms=0",
+    ]);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["all_succeeded"], true, "{r}");
+    assert_eq!(r["slo"][0]["met"], false, "{r}");
 }

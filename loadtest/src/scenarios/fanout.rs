@@ -1,22 +1,28 @@
-//! `fanout`: end-to-end chat delivery under load.
+//! `fanout`, `rooms` and `soak`: end-to-end delivery under load. One engine, three sets of
+//! defaults and features:
 //!
-//! N anonymous receivers spread over R rooms (`<prefix>-0 .. <prefix>-R-1`) plus S
-//! authenticated senders, sender `j` a member of room `j % R`. Once everyone has joined
-//! and a warm-up has passed, the senders send chats at a total `--rate`, each sender an
-//! equal share at an even pace (the gateway limits a user to about 1 chat/s). Each chat's
-//! text carries its send time (see [`ChatStamp`]); every member (senders too: a client
-//! sees its own chat in the room's `batch`) records `now - sent` per delivered chat.
+//! - `fanout`: N anonymous receivers over R rooms (`<prefix>-0 .. <prefix>-R-1`) plus S
+//!   authenticated senders chatting at a total `--rate` (a hot room when R is small).
+//! - `rooms`: the same with many small rooms (defaults: 10,000 receivers over 1,000
+//!   rooms, 100 senders spread across them at 100 chats/s).
+//! - `soak`: steady mixed traffic for `--duration`: chat, free gifts (`--gift`, default
+//!   "rose") at `--gift-rate`, and a `--churn` share of viewers that keep leaving and
+//!   rejoining (`leave`/`join` on the same connection, or close and reconnect); a
+//!   connection the gateway drops is reconnected.
 //!
-//! After `--duration` the senders stop, the run waits `--drain` for the last batches,
-//! and reports: expected deliveries (acked chats × members of their room), delivered,
-//! the ratio, delivery latency percentiles, and the acks/errors the senders got.
+//! Each chat's text carries its send time (see [`ChatStamp`]); every member (senders
+//! too: a client sees its own chat in the room's `batch`) records `now - sent` per
+//! delivered chat. The delivery ratio counts the *stable* members only (senders and
+//! viewers that never churn), each of which is a member from the connect phase to the
+//! end: expected = Σ over rooms of acked chats × stable members. Gifts are counted the
+//! same way by their `count` (the gateway merges a user's same gift within a window).
 //!
 //! Timeline, driven by a `watch` channel every connection task follows:
 //! `Connecting → Warmup → Sending → Draining → Stopped`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -24,14 +30,22 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Interval, MissedTickBehavior};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::{ConnArgs, ConnectSummary, ConnectTracker, join_all, run_id, secs};
+use super::{
+    ConnArgs, ConnectSummary, ConnectTracker, Rng, Usage, UsageWatch, join_all, run_id, secs,
+};
 use crate::auth::Minter;
 use crate::client::{Conn, Target, short_ws_error};
 use crate::progress::{self, per_sec};
-use crate::proto::{self, ChatStamp, Decoded, Format, ServerFrame};
+use crate::proto::{self, ChatStamp, ClientOp, Decoded, Format, ServerFrame};
 use crate::report::{LatencySummary, Report, ShardedHist, Table, Tally, round3, unix_micros};
+use crate::slo::{self, SloCheck};
+
+/// How long a `leave` or `join` of a churning viewer may wait for its reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause before reconnecting a connection the gateway dropped (soak).
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Args)]
 pub struct FanoutArgs {
@@ -43,7 +57,7 @@ pub struct FanoutArgs {
     /// Rooms: <room-prefix>-0 .. <room-prefix>-(R-1).
     #[arg(long, default_value_t = 10)]
     pub rooms: usize,
-    /// Authenticated senders (distinct users), sender j in room j % rooms.
+    /// Authenticated senders (distinct users), spread evenly over the rooms.
     #[arg(long, default_value_t = 10)]
     pub senders: usize,
     /// Total chats per second across all senders.
@@ -64,9 +78,225 @@ pub struct FanoutArgs {
     /// HS256 secret of the gateway's `auth.secret`, for minting user tokens.
     #[arg(long, default_value = "dev-secret-change-me")]
     pub secret: String,
+    /// Fail (exit 1) when delivered / expected is below this (0 = never fail; same as
+    /// --slo delivery=X).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_delivery_ratio: f64,
+}
+
+/// `rooms`: many small rooms. The same options as `fanout`, other defaults.
+#[derive(Debug, Clone, Args)]
+pub struct RoomsArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Receivers (anonymous, read-only), spread round-robin over the rooms.
+    #[arg(long, default_value_t = 10_000)]
+    pub conns: usize,
+    /// Rooms: <room-prefix>-0 .. <room-prefix>-(R-1).
+    #[arg(long, default_value_t = 1000)]
+    pub rooms: usize,
+    /// Authenticated senders (distinct users), spread evenly over the rooms.
+    #[arg(long, default_value_t = 100)]
+    pub senders: usize,
+    /// Total chats per second across all senders (keep rate/senders <= 1).
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 20.0)]
+    pub duration: f64,
+    /// Seconds between all joined and the first chat.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Seconds to keep receiving after the last chat was sent.
+    #[arg(long, default_value_t = 2.0)]
+    pub drain: f64,
+    /// Room name prefix.
+    #[arg(long, default_value = "lt-rooms")]
+    pub room_prefix: String,
+    /// HS256 secret of the gateway's `auth.secret`, for minting user tokens.
+    #[arg(long, default_value = "dev-secret-change-me")]
+    pub secret: String,
     /// Fail (exit 1) when delivered / expected is below this (0 = never fail).
     #[arg(long, default_value_t = 0.0)]
     pub min_delivery_ratio: f64,
+}
+
+/// `soak`: steady mixed traffic (chat, free gifts, viewers leaving and rejoining).
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Viewers (anonymous), spread round-robin over the rooms.
+    #[arg(long, default_value_t = 5000)]
+    pub conns: usize,
+    /// Rooms: <room-prefix>-0 .. <room-prefix>-(R-1).
+    #[arg(long, default_value_t = 50)]
+    pub rooms: usize,
+    /// Authenticated senders (distinct users), spread evenly over the rooms.
+    #[arg(long, default_value_t = 100)]
+    pub senders: usize,
+    /// Total chats per second across all senders (keep rate/senders <= 1).
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Total free gifts per second across all senders (keep gift-rate/senders <= 10).
+    #[arg(long, default_value_t = 20.0)]
+    pub gift_rate: f64,
+    /// The free gift senders send.
+    #[arg(long, default_value = "rose")]
+    pub gift: String,
+    /// Share of viewers that keep leaving and rejoining (0..=1); they are left out of
+    /// the delivery ratio.
+    #[arg(long, default_value_t = 0.1)]
+    pub churn: f64,
+    /// Mean seconds between one churning viewer's departures (jittered ±50%).
+    #[arg(long, default_value_t = 10.0)]
+    pub churn_period: f64,
+    /// Seconds a churning viewer stays away before it rejoins.
+    #[arg(long, default_value_t = 1.0)]
+    pub away: f64,
+    /// Share of departures that close the connection and reconnect (the rest send
+    /// `leave` and later `join` on the same connection).
+    #[arg(long, default_value_t = 0.5)]
+    pub reconnect_share: f64,
+    /// Seconds of traffic.
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Seconds between all joined and the first chat.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Seconds to keep receiving after the last chat was sent.
+    #[arg(long, default_value_t = 3.0)]
+    pub drain: f64,
+    /// Room name prefix.
+    #[arg(long, default_value = "lt-soak")]
+    pub room_prefix: String,
+    /// HS256 secret of the gateway's `auth.secret`, for minting user tokens.
+    #[arg(long, default_value = "dev-secret-change-me")]
+    pub secret: String,
+    /// Fail (exit 1) when delivered / expected is below this (0 = never fail).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_delivery_ratio: f64,
+}
+
+/// What one run of the engine does; built from any of the three argument sets.
+#[derive(Debug, Clone)]
+struct Plan {
+    scenario: &'static str,
+    conn: ConnArgs,
+    conns: usize,
+    rooms: usize,
+    senders: usize,
+    rate: f64,
+    gift_rate: f64,
+    gift: String,
+    /// Viewers that churn (the first `churners` of them).
+    churners: usize,
+    churn_period: Duration,
+    away: Duration,
+    reconnect_share: f64,
+    /// Reconnect connections the gateway dropped (soak); else they end.
+    reconnect_lost: bool,
+    duration: f64,
+    warmup: f64,
+    drain: f64,
+    room_prefix: String,
+    secret: String,
+    min_delivery_ratio: f64,
+}
+
+impl Plan {
+    fn chat_only(scenario: &'static str, a: FanoutArgs) -> Self {
+        Self {
+            scenario,
+            conn: a.conn,
+            conns: a.conns,
+            rooms: a.rooms,
+            senders: a.senders,
+            rate: a.rate,
+            gift_rate: 0.0,
+            gift: String::new(),
+            churners: 0,
+            churn_period: Duration::MAX,
+            away: Duration::ZERO,
+            reconnect_share: 0.0,
+            reconnect_lost: false,
+            duration: a.duration,
+            warmup: a.warmup,
+            drain: a.drain,
+            room_prefix: a.room_prefix,
+            secret: a.secret,
+            min_delivery_ratio: a.min_delivery_ratio,
+        }
+    }
+}
+
+impl From<RoomsArgs> for FanoutArgs {
+    fn from(a: RoomsArgs) -> Self {
+        FanoutArgs {
+            conn: a.conn,
+            conns: a.conns,
+            rooms: a.rooms,
+            senders: a.senders,
+            rate: a.rate,
+            duration: a.duration,
+            warmup: a.warmup,
+            drain: a.drain,
+            room_prefix: a.room_prefix,
+            secret: a.secret,
+            min_delivery_ratio: a.min_delivery_ratio,
+        }
+    }
+}
+
+impl From<SoakArgs> for Plan {
+    fn from(a: SoakArgs) -> Self {
+        let churn = a.churn.clamp(0.0, 1.0);
+        Self {
+            scenario: "soak",
+            conn: a.conn,
+            conns: a.conns,
+            rooms: a.rooms,
+            senders: a.senders,
+            rate: a.rate,
+            gift_rate: a.gift_rate.max(0.0),
+            gift: a.gift,
+            churners: (a.conns as f64 * churn).round() as usize,
+            churn_period: secs(a.churn_period).max(Duration::from_millis(100)),
+            away: secs(a.away),
+            reconnect_share: a.reconnect_share.clamp(0.0, 1.0),
+            reconnect_lost: true,
+            duration: a.duration,
+            warmup: a.warmup,
+            drain: a.drain,
+            room_prefix: a.room_prefix,
+            secret: a.secret,
+            min_delivery_ratio: a.min_delivery_ratio,
+        }
+    }
+}
+
+/// Runs `fanout`.
+///
+/// # Errors
+/// Setup errors only (bad URL, token signing); connection failures are in the report.
+pub async fn run_fanout(args: FanoutArgs, nofile: u64) -> anyhow::Result<FanoutReport> {
+    run(Plan::chat_only("fanout", args), nofile).await
+}
+
+/// Runs `rooms`.
+///
+/// # Errors
+/// As [`run_fanout`].
+pub async fn run_rooms(args: RoomsArgs, nofile: u64) -> anyhow::Result<FanoutReport> {
+    run(Plan::chat_only("rooms", args.into()), nofile).await
+}
+
+/// Runs `soak`.
+///
+/// # Errors
+/// As [`run_fanout`].
+pub async fn run_soak(args: SoakArgs, nofile: u64) -> anyhow::Result<FanoutReport> {
+    run(args.into(), nofile).await
 }
 
 /// Where the run is; every connection task follows it.
@@ -80,26 +310,54 @@ enum Phase {
     Stopped,
 }
 
+/// Counters of churning viewers and reconnections.
+#[derive(Default)]
+struct ChurnCounters {
+    leaves: AtomicU64,
+    rejoins: AtomicU64,
+    /// Leave/join failures by `op: code` (or `op: timeout`).
+    errors: Tally,
+    rejoin_latency: ShardedHist,
+    reconnects: AtomicU64,
+    unplanned_reconnects: AtomicU64,
+    reconnect_failures: Tally,
+    reconnect_latency: ShardedHist,
+    churner_deliveries: AtomicU64,
+}
+
 /// State shared by all connection tasks of a run.
 struct Shared {
+    plan: Plan,
     target: Target,
     tracker: ConnectTracker,
     stamp: ChatStamp,
+    /// User ids of this run's senders start with this.
+    user_prefix: String,
     rooms: Vec<String>,
-    /// Joined members per room (receivers and senders).
+    /// Stable members per room (senders and non-churning viewers), from the connect phase.
     members: Vec<AtomicU64>,
     /// Acked chats per room.
     acked: Vec<AtomicU64>,
-    /// Pace of one sender, and the offset between consecutive senders' first chats.
+    /// Acked gifts per room.
+    gifts_acked: Vec<AtomicU64>,
+    /// Pace of one sender's chats / gifts, and the offsets between senders' first ones.
     sender_period: Duration,
     sender_stagger: Duration,
+    gift_period: Duration,
+    gift_stagger: Duration,
     sent: AtomicU64,
     acks: AtomicU64,
     errors: Tally,
+    gifts_sent: AtomicU64,
+    gift_acks: AtomicU64,
+    gift_errors: Tally,
+    gift_delivered: AtomicU64,
     /// Joined connections lost during the run, by reason.
     lost: Tally,
     /// Connections that joined only after the connect phase was over (closed unused).
     late: AtomicU64,
+    /// Connections open right now.
+    open: AtomicI64,
     delivered: AtomicU64,
     frames: AtomicU64,
     batch_frames: AtomicU64,
@@ -110,57 +368,84 @@ struct Shared {
     ack_latency: ShardedHist,
     /// Unix micros of the latest delivery.
     last_delivery_us: AtomicU64,
+    churn: ChurnCounters,
 }
 
-/// Runs the scenario.
-///
-/// # Errors
-/// Setup errors only (bad URL, token signing); connection failures are in the report.
-pub async fn run(args: FanoutArgs, nofile: u64) -> anyhow::Result<FanoutReport> {
-    anyhow::ensure!(args.rooms > 0, "--rooms must be at least 1");
-    let total = args.conns + args.senders;
-    args.conn.check_capacity(total, nofile);
-    warn_about_rates(&args);
-    let target = args.conn.target().await?;
-    let run = run_id();
-    eprintln!(
-        "fanout: run {run}: {} receivers + {} senders -> {} ({}), {} rooms",
-        args.conns,
-        args.senders,
-        target.server(),
-        args.conn.format.as_str(),
-        args.rooms
-    );
-    let minter = Minter::new(&args.secret, 3600);
-    let tokens = (0..args.senders)
-        .map(|j| minter.token(&format!("lt-{run}-s{j}"), &format!("lt sender {j}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let rate = args.rate.max(0.0);
-    let (sender_period, sender_stagger) = if rate > 0.0 {
+/// Even pace of one sender for a total `rate` over `senders`: (period, stagger).
+fn pace(rate: f64, senders: usize) -> (Duration, Duration) {
+    if rate > 0.0 && senders > 0 {
         (
-            Duration::from_secs_f64(args.senders.max(1) as f64 / rate),
+            Duration::from_secs_f64(senders as f64 / rate),
             Duration::from_secs_f64(1.0 / rate),
         )
     } else {
         (Duration::MAX, Duration::ZERO)
-    };
+    }
+}
+
+/// The room of sender `j`: spread evenly when there are fewer senders than rooms
+/// (sender j in room j·R/S), round-robin otherwise.
+fn sender_room(j: usize, senders: usize, rooms: usize) -> usize {
+    if senders >= rooms {
+        j % rooms
+    } else {
+        j * rooms / senders
+    }
+}
+
+async fn run(plan: Plan, nofile: u64) -> anyhow::Result<FanoutReport> {
+    anyhow::ensure!(plan.rooms > 0, "--rooms must be at least 1");
+    let scenario = plan.scenario;
+    let total = plan.conns + plan.senders;
+    plan.conn.check_capacity(total, nofile);
+    warn_about_rates(&plan);
+    let target = plan.conn.target().await?;
+    let watch_usage = UsageWatch::start(plan.conn.pid);
+    let run = run_id();
+    eprintln!(
+        "{scenario}: run {run}: {} viewers ({} churning) + {} senders -> {} ({}), {} rooms",
+        plan.conns,
+        plan.churners,
+        plan.senders,
+        target.describe(),
+        plan.conn.format.as_str(),
+        plan.rooms
+    );
+    let minter = Minter::new(&plan.secret, 3600 + plan.duration as u64);
+    let user_prefix = format!("lt-{run}-");
+    let tokens = (0..plan.senders)
+        .map(|j| minter.token(&format!("{user_prefix}s{j}"), &format!("lt sender {j}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (sender_period, sender_stagger) = pace(plan.rate.max(0.0), plan.senders);
+    let (gift_period, gift_stagger) = pace(plan.gift_rate, plan.senders);
     let shards = 16;
+    let rooms = plan.rooms;
+    let counters = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
     let sh = Arc::new(Shared {
         target,
-        tracker: ConnectTracker::new(total, args.conn.concurrency),
+        tracker: ConnectTracker::new(total, plan.conn.concurrency),
         stamp: ChatStamp::new(&run),
-        rooms: (0..args.rooms)
-            .map(|r| format!("{}-{r}", args.room_prefix))
+        user_prefix,
+        rooms: (0..rooms)
+            .map(|r| format!("{}-{r}", plan.room_prefix))
             .collect(),
-        members: (0..args.rooms).map(|_| AtomicU64::new(0)).collect(),
-        acked: (0..args.rooms).map(|_| AtomicU64::new(0)).collect(),
+        members: counters(rooms),
+        acked: counters(rooms),
+        gifts_acked: counters(rooms),
         sender_period,
         sender_stagger,
+        gift_period,
+        gift_stagger,
         sent: AtomicU64::new(0),
         acks: AtomicU64::new(0),
         errors: Tally::default(),
+        gifts_sent: AtomicU64::new(0),
+        gift_acks: AtomicU64::new(0),
+        gift_errors: Tally::default(),
+        gift_delivered: AtomicU64::new(0),
         lost: Tally::default(),
         late: AtomicU64::new(0),
+        open: AtomicI64::new(0),
         delivered: AtomicU64::new(0),
         frames: AtomicU64::new(0),
         batch_frames: AtomicU64::new(0),
@@ -170,43 +455,50 @@ pub async fn run(args: FanoutArgs, nofile: u64) -> anyhow::Result<FanoutReport> 
         latency: ShardedHist::new(shards),
         ack_latency: ShardedHist::new(shards),
         last_delivery_us: AtomicU64::new(0),
+        churn: ChurnCounters::default(),
+        plan,
     });
 
-    // Connect: senders first (they are few), then receivers.
+    // Connect: senders first (they are few), then viewers.
     let (phase_tx, _) = watch::channel(Phase::Connecting);
     let mut tasks = JoinSet::new();
     for (j, token) in tokens.into_iter().enumerate() {
         let member = Member {
             sh: Arc::clone(&sh),
             index: j,
-            room: j % args.rooms,
-            sender: Some((j, token)),
+            room: sender_room(j, sh.plan.senders, rooms),
+            role: Role::Sender { j, token },
             phase: phase_tx.subscribe(),
         };
         tasks.spawn(member.run());
     }
-    for i in 0..args.conns {
+    for i in 0..sh.plan.conns {
         let member = Member {
             sh: Arc::clone(&sh),
-            index: args.senders + i,
-            room: i % args.rooms,
-            sender: None,
+            index: sh.plan.senders + i,
+            room: i % rooms,
+            role: Role::Viewer {
+                churner: i < sh.plan.churners,
+            },
             phase: phase_tx.subscribe(),
         };
         tasks.spawn(member.run());
     }
     let progress = spawn_progress(Arc::clone(&sh), phase_tx.subscribe());
 
-    sh.tracker.wait_settled(secs(args.conn.join_timeout)).await;
+    sh.tracker
+        .wait_settled(secs(sh.plan.conn.join_timeout))
+        .await;
+    sh.tracker.close();
     let connect = sh.tracker.summary();
     eprintln!(
-        "fanout: connect phase over ({} joined, {} failed) after {} s; warming up {} s",
-        connect.ok, connect.failed, connect.connect_phase_s, args.warmup
+        "{scenario}: connect phase over ({} joined, {} failed) after {} s; warming up {} s",
+        connect.ok, connect.failed, connect.connect_phase_s, sh.plan.warmup
     );
     let mut interrupted = false;
     if connect.ok > 0 {
         phase_tx.send_replace(Phase::Warmup);
-        interrupted = super::sleep_or_interrupt(secs(args.warmup)).await;
+        interrupted = super::sleep_or_interrupt(secs(sh.plan.warmup)).await;
     }
 
     // Send.
@@ -215,80 +507,107 @@ pub async fn run(args: FanoutArgs, nofile: u64) -> anyhow::Result<FanoutReport> 
     let send_start_us = unix_micros();
     if connect.ok > 0 && !interrupted {
         let now = tokio::time::Instant::now();
-        phase_tx.send_replace(Phase::Sending(now, now + secs(args.duration)));
-        super::sleep_or_interrupt(secs(args.duration)).await;
+        phase_tx.send_replace(Phase::Sending(now, now + secs(sh.plan.duration)));
+        super::sleep_or_interrupt(secs(sh.plan.duration)).await;
     }
     let sending_took = send_start.elapsed();
     phase_tx.send_replace(Phase::Draining);
-    super::sleep_or_interrupt(secs(args.drain)).await;
+    super::sleep_or_interrupt(secs(sh.plan.drain)).await;
     phase_tx.send_replace(Phase::Stopped);
     drop(progress);
     let aborted = join_all(&mut tasks, Duration::from_secs(10)).await;
     if aborted > 0 {
-        eprintln!("fanout: {aborted} connection tasks did not close in time");
+        eprintln!("{scenario}: {aborted} connection tasks did not close in time");
     }
 
     Ok(report(
-        &args,
         &sh,
         run,
         connect,
         &members,
         sending_took,
         send_start_us,
+        watch_usage.finish(),
     ))
 }
 
 /// Warns about settings that cannot give a clean measurement.
-fn warn_about_rates(args: &FanoutArgs) {
-    if args.senders == 0 || args.rate <= 0.0 {
+fn warn_about_rates(plan: &Plan) {
+    if plan.senders == 0 || plan.rate <= 0.0 {
         eprintln!("warning: no senders or no rate: no chats will be sent");
         return;
     }
-    let per_sender = args.rate / args.senders as f64;
+    let per_sender = plan.rate / plan.senders as f64;
     if per_sender > 1.0 {
         eprintln!(
             "warning: {per_sender:.2} chats/s per sender exceeds the gateway's per-user chat \
              limit (1/s, burst 5): expect rate_limited errors; use --senders >= {}",
-            args.rate.ceil() as u64
+            plan.rate.ceil() as u64
         );
     }
-    if args.senders < args.rooms {
+    let gifts_per_sender = plan.gift_rate / plan.senders as f64;
+    if gifts_per_sender > 10.0 {
         eprintln!(
-            "warning: {} senders for {} rooms: {} rooms get no chats",
-            args.senders,
-            args.rooms,
-            args.rooms - args.senders
+            "warning: {gifts_per_sender:.2} gifts/s per sender exceeds the gateway's per-user \
+             free-gift limit (10/s, burst 20): expect rate_limited errors"
+        );
+    }
+    if plan.senders < plan.rooms {
+        eprintln!(
+            "note: {} senders for {} rooms: {} rooms get no chats (their members only \
+             receive presence)",
+            plan.senders,
+            plan.rooms,
+            plan.rooms - plan.senders
         );
     }
 }
 
 /// The once-a-second progress line.
 fn spawn_progress(sh: Arc<Shared>, phase: watch::Receiver<Phase>) -> progress::Progress {
-    let mut last = (0_u64, 0_u64, 0_u64);
+    let mut last = (0_u64, 0_u64, 0_u64, 0_u64, 0_u64);
     progress::spawn(move |elapsed| {
         let p = *phase.borrow();
+        let scenario = sh.plan.scenario;
         if p == Phase::Connecting {
-            return format!("fanout: connecting: {}", sh.tracker.progress());
+            return format!(
+                "{scenario}: connecting: {} | {:.0} msgs/s",
+                sh.tracker.progress(),
+                per_sec(sh.frames.load(Relaxed) - last.4, elapsed)
+            );
         }
         let now = (
             sh.sent.load(Relaxed),
             sh.acks.load(Relaxed),
             sh.delivered.load(Relaxed),
+            sh.gift_acks.load(Relaxed),
+            sh.frames.load(Relaxed),
         );
-        let rate = |a: u64, b: u64| per_sec(a - b, elapsed);
-        let line = format!(
-            "fanout: {:?} | conns {} (lost {}) | sent {:.0}/s acked {:.0}/s errors {} | \
-             delivered {:.0}/s | p99 {} ms",
+        let rate = |a: u64, b: u64| per_sec(a.saturating_sub(b), elapsed);
+        let mut line = format!(
+            "{scenario}: {:?} | conns {} (lost {}) | sent {:.0}/s acked {:.0}/s errors {} | \
+             delivered {:.0}/s | {:.0} msgs/s | p99 {} ms",
             PhaseName(p),
-            sh.tracker.joined(),
+            sh.open.load(Relaxed),
             sh.lost.snapshot().values().sum::<u64>(),
             rate(now.0, last.0),
             rate(now.1, last.1),
             sh.errors.snapshot().values().sum::<u64>(),
             rate(now.2, last.2),
+            rate(now.4, last.4),
             LatencySummary::of(&sh.latency.snapshot()).p99_ms,
         );
+        if sh.plan.gift_rate > 0.0 {
+            line.push_str(&format!(" | gifts {:.0}/s", rate(now.3, last.3)));
+        }
+        if sh.plan.churners > 0 || sh.plan.reconnect_lost {
+            let c = &sh.churn;
+            line.push_str(&format!(
+                " | rejoins {} reconnects {}",
+                c.rejoins.load(Relaxed),
+                c.reconnects.load(Relaxed) + c.unplanned_reconnects.load(Relaxed)
+            ));
+        }
         last = now;
         line
     })
@@ -309,51 +628,128 @@ impl std::fmt::Debug for PhaseName {
     }
 }
 
-/// One connection: a receiver, or a sender (which receives too).
+/// What a connection is for.
+enum Role {
+    /// Sender number `j` (sends chats and gifts, receives too).
+    Sender { j: usize, token: String },
+    /// An anonymous viewer; a churner keeps leaving and coming back.
+    Viewer { churner: bool },
+}
+
+/// One connection task.
 struct Member {
     sh: Arc<Shared>,
-    /// Connection number (source address round-robin, histogram shard).
+    /// Connection number (endpoint and source round-robin, histogram shard).
     index: usize,
     room: usize,
-    /// For a sender: its number and token.
-    sender: Option<(usize, String)>,
+    role: Role,
     phase: watch::Receiver<Phase>,
 }
 
-/// A sender's state while its connection lives.
-#[derive(Default)]
-struct Outbox {
-    ticker: Option<Interval>,
-    /// No chat is sent from this instant on.
-    until: Option<tokio::time::Instant>,
-    seq: u64,
-    /// Sent chats awaiting `ack`/`error`: ref → when sent.
-    pending: HashMap<i64, Instant>,
+/// What a sent op awaits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Chat,
+    Gift,
+    Leave,
+    Join,
 }
 
+/// Where a churning (or dropped) connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Churn {
+    /// A member of its room.
+    Present,
+    /// Sent `leave` with this ref.
+    Leaving(i64),
+    /// Left the room; the connection is open.
+    Left,
+    /// Sent `join` with this ref at this instant.
+    Rejoining(i64, Instant),
+    /// No connection (closed on purpose, or dropped by the gateway).
+    Closed { planned: bool },
+}
+
+/// The per-task state frame handling touches (apart from the connection and tickers).
+struct Local {
+    next_ref: i64,
+    /// Sent ops awaiting `ack`/`joined`/`error`: ref → (what, when sent).
+    pending: HashMap<i64, (Pending, Instant)>,
+    churn: Churn,
+    /// When the churn state machine acts next.
+    timer: Option<tokio::time::Instant>,
+    /// No chat or gift is sent from this instant on.
+    until: Option<tokio::time::Instant>,
+    rng: Rng,
+}
+
+type WsResult = Option<Result<Message, tungstenite::Error>>;
+
 impl Member {
+    fn token(&self) -> Option<&str> {
+        match &self.role {
+            Role::Sender { token, .. } => Some(token),
+            Role::Viewer { .. } => None,
+        }
+    }
+
+    fn churner(&self) -> bool {
+        matches!(self.role, Role::Viewer { churner: true })
+    }
+
+    fn sending(&self) -> bool {
+        matches!(*self.phase.borrow(), Phase::Sending(..))
+    }
+
     async fn run(mut self) {
         let sh = Arc::clone(&self.sh);
-        let token = self.sender.as_ref().map(|(_, t)| t.as_str());
-        let Some((mut conn, _)) = sh
+        let stable = !self.churner();
+        let count_member = || {
+            if stable {
+                sh.members[self.room].fetch_add(1, Relaxed);
+            }
+        };
+        let Some((first, _, in_time)) = sh
             .tracker
-            .open(&sh.target, self.index, &sh.rooms[self.room], token)
+            .open_with(
+                &sh.target,
+                self.index,
+                &sh.rooms[self.room],
+                self.token(),
+                count_member,
+            )
             .await
         else {
             return;
         };
-        if *self.phase.borrow_and_update() != Phase::Connecting {
+        if !in_time {
             // Too late to be counted as a member: measuring it would skew the ratio.
             sh.late.fetch_add(1, Relaxed);
-            conn.close(Duration::from_secs(1)).await;
+            first.close(Duration::from_secs(1)).await;
             return;
         }
-        sh.members[self.room].fetch_add(1, Relaxed);
-        let mut out = Outbox::default();
+        sh.open.fetch_add(1, Relaxed);
+        // The phase may have moved on while connecting: `changed()` reports it at once.
+        let mut conn = Some(first);
+        let mut chat_ticker: Option<Interval> = None;
+        let mut gift_ticker: Option<Interval> = None;
+        let mut loc = Local {
+            next_ref: 1,
+            pending: HashMap::new(),
+            churn: Churn::Present,
+            timer: None,
+            until: None,
+            rng: Rng::new(self.index as u64),
+        };
         loop {
+            let timer_at = loc.timer.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
-                msg = conn.recv() => {
-                    if !self.on_message(msg, &mut out) {
+                msg = async { conn.as_mut().expect("guarded by is_some").recv().await },
+                    if conn.is_some() =>
+                {
+                    if let Err(reason) = self.on_message(msg, &mut loc)
+                        && !self.drop_conn(&mut conn, &mut loc, reason)
+                    {
                         return;
                     }
                 }
@@ -364,88 +760,256 @@ impl Member {
                     let phase = *self.phase.borrow_and_update();
                     match phase {
                         Phase::Sending(from, until) => {
-                            self.start_sending(from, &mut out);
-                            out.until = Some(until);
+                            chat_ticker = self.ticker(from, sh.sender_period, sh.sender_stagger, 0.0);
+                            gift_ticker = self.ticker(from, sh.gift_period, sh.gift_stagger, 0.5);
+                            loc.until = Some(until);
+                            if self.churner() && loc.churn == Churn::Present {
+                                let first = sh.plan.churn_period.mul_f64(loc.rng.unit());
+                                loc.timer = Some(tokio::time::Instant::now() + first);
+                            }
                         }
-                        Phase::Draining => out.ticker = None,
+                        Phase::Draining => {
+                            chat_ticker = None;
+                            gift_ticker = None;
+                            // Pending replies still time out; nobody leaves or comes back.
+                            if !matches!(loc.churn, Churn::Leaving(_) | Churn::Rejoining(..)) {
+                                loc.timer = None;
+                            }
+                        }
                         Phase::Stopped => break,
                         Phase::Connecting | Phase::Warmup => {}
                     }
                 }
-                tick = async { out.ticker.as_mut().expect("guarded by is_some").tick().await },
-                    if out.ticker.is_some() =>
+                tick = async { chat_ticker.as_mut().expect("guarded by is_some").tick().await },
+                    if chat_ticker.is_some() =>
                 {
-                    if out.until.is_some_and(|until| tick >= until) {
-                        out.ticker = None;
+                    if loc.until.is_some_and(|until| tick >= until) {
+                        chat_ticker = None;
                         continue;
                     }
-                    if let Err(e) = self.send_chat(&mut conn, &mut out).await {
-                        sh.lost.add(format!("send: {}", short_ws_error(&e)));
+                    if let Some(c) = conn.as_mut()
+                        && let Err(e) = self.send_chat(c, &mut loc).await
+                        && !self.drop_conn(&mut conn, &mut loc, format!("send: {}", short_ws_error(&e)))
+                    {
                         return;
+                    }
+                }
+                tick = async { gift_ticker.as_mut().expect("guarded by is_some").tick().await },
+                    if gift_ticker.is_some() =>
+                {
+                    if loc.until.is_some_and(|until| tick >= until) {
+                        gift_ticker = None;
+                        continue;
+                    }
+                    if let Some(c) = conn.as_mut()
+                        && let Err(e) = self.send_gift(c, &mut loc).await
+                        && !self.drop_conn(&mut conn, &mut loc, format!("send: {}", short_ws_error(&e)))
+                    {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(timer_at), if loc.timer.is_some() => {
+                    loc.timer = None;
+                    self.on_timer(&mut conn, &mut loc).await;
+                }
+            }
+        }
+        if let Some(c) = conn {
+            sh.open.fetch_sub(1, Relaxed);
+            c.close(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// A sender's pace for one kind of op: first at `from` + its stagger (+ `offset`
+    /// staggers, so two kinds of op do not go out at the same instant), then every
+    /// `period`. `None` for viewers or without a rate.
+    fn ticker(
+        &self,
+        from: tokio::time::Instant,
+        period: Duration,
+        stagger: Duration,
+        offset: f64,
+    ) -> Option<Interval> {
+        let Role::Sender { j, .. } = &self.role else {
+            return None;
+        };
+        if period == Duration::MAX {
+            return None;
+        }
+        let first = from + stagger * (*j as u32) + stagger.mul_f64(offset);
+        let mut ticker = tokio::time::interval_at(first, period);
+        // A late tick is sent once, never as a burst that would trip the rate limit.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        Some(ticker)
+    }
+
+    /// Records a lost connection; in `soak` schedules its reconnection. False when the
+    /// task should end.
+    fn drop_conn(&self, conn: &mut Option<Conn>, loc: &mut Local, reason: String) -> bool {
+        self.sh.lost.add(reason);
+        if conn.take().is_some() {
+            self.sh.open.fetch_sub(1, Relaxed);
+        }
+        loc.pending.clear();
+        let active = matches!(*self.phase.borrow(), Phase::Warmup | Phase::Sending(..));
+        if !self.sh.plan.reconnect_lost || !active {
+            return false;
+        }
+        loc.churn = Churn::Closed { planned: false };
+        loc.timer = Some(tokio::time::Instant::now() + RECONNECT_PAUSE);
+        true
+    }
+
+    /// The next departure of a churner, if traffic is still on.
+    fn schedule_churn(&self, loc: &mut Local) {
+        if self.churner() && self.sending() {
+            let next = loc.rng.jitter(self.sh.plan.churn_period, 0.5, 1.5);
+            loc.timer = Some(tokio::time::Instant::now() + next);
+        }
+    }
+
+    fn take_ref(loc: &mut Local, what: Pending) -> i64 {
+        let r = loc.next_ref;
+        loc.next_ref += 1;
+        loc.pending.insert(r, (what, Instant::now()));
+        r
+    }
+
+    /// The churn state machine's timer: depart, come back, or give up waiting.
+    async fn on_timer(&self, conn: &mut Option<Conn>, loc: &mut Local) {
+        let sh = &self.sh;
+        let room = sh.rooms[self.room].as_str();
+        let now = tokio::time::Instant::now();
+        match loc.churn {
+            Churn::Present => {
+                if !self.sending() || conn.is_none() {
+                    return;
+                }
+                if loc.rng.unit() < sh.plan.reconnect_share {
+                    if let Some(c) = conn.take() {
+                        sh.open.fetch_sub(1, Relaxed);
+                        c.close(Duration::from_millis(500)).await;
+                    }
+                    loc.pending.clear();
+                    loc.churn = Churn::Closed { planned: true };
+                    loc.timer = Some(now + sh.plan.away);
+                } else {
+                    let reference = Self::take_ref(loc, Pending::Leave);
+                    let msg = proto::encode(sh.target.format, &ClientOp::Leave { room, reference });
+                    if let Some(c) = conn.as_mut()
+                        && let Err(e) = c.send(msg).await
+                    {
+                        self.drop_conn(conn, loc, format!("send: {}", short_ws_error(&e)));
+                        return;
+                    }
+                    sh.churn.leaves.fetch_add(1, Relaxed);
+                    loc.churn = Churn::Leaving(reference);
+                    loc.timer = Some(now + REPLY_TIMEOUT);
+                }
+            }
+            Churn::Leaving(reference) => {
+                loc.pending.remove(&reference);
+                sh.churn.errors.add("leave: timeout");
+                loc.churn = Churn::Present;
+                self.schedule_churn(loc);
+            }
+            Churn::Left => {
+                if conn.is_none() {
+                    return;
+                }
+                let reference = Self::take_ref(loc, Pending::Join);
+                let msg = proto::encode(sh.target.format, &ClientOp::Join { room, reference });
+                if let Some(c) = conn.as_mut()
+                    && let Err(e) = c.send(msg).await
+                {
+                    self.drop_conn(conn, loc, format!("send: {}", short_ws_error(&e)));
+                    return;
+                }
+                loc.churn = Churn::Rejoining(reference, Instant::now());
+                loc.timer = Some(now + REPLY_TIMEOUT);
+            }
+            Churn::Rejoining(reference, _) => {
+                loc.pending.remove(&reference);
+                sh.churn.errors.add("join: timeout");
+                loc.churn = Churn::Left;
+                if self.sending() {
+                    loc.timer = Some(now + sh.plan.away);
+                }
+            }
+            Churn::Closed { planned } => {
+                if !matches!(*self.phase.borrow(), Phase::Warmup | Phase::Sending(..)) {
+                    return;
+                }
+                let t0 = Instant::now();
+                match sh.target.open(self.index, room, self.token()).await {
+                    Ok((c, _)) => {
+                        sh.churn
+                            .reconnect_latency
+                            .shard(self.index)
+                            .saturating_record(t0.elapsed().as_micros() as u64);
+                        let counter = if planned {
+                            &sh.churn.reconnects
+                        } else {
+                            &sh.churn.unplanned_reconnects
+                        };
+                        counter.fetch_add(1, Relaxed);
+                        sh.open.fetch_add(1, Relaxed);
+                        *conn = Some(c);
+                        loc.churn = Churn::Present;
+                        self.schedule_churn(loc);
+                    }
+                    Err(failure) => {
+                        sh.churn.reconnect_failures.add(failure.to_string());
+                        loc.timer = Some(tokio::time::Instant::now() + RECONNECT_PAUSE);
                     }
                 }
             }
         }
-        conn.close(Duration::from_secs(1)).await;
     }
 
-    /// Starts this sender's pace: first chat at `at` + its stagger, then every period.
-    fn start_sending(&self, at: tokio::time::Instant, out: &mut Outbox) {
-        let Some((j, _)) = &self.sender else { return };
-        if self.sh.sender_period == Duration::MAX {
-            return;
-        }
-        let first = at + self.sh.sender_stagger * (*j as u32);
-        let mut ticker = tokio::time::interval_at(first, self.sh.sender_period);
-        // A late tick is sent once, never as a burst that would trip the rate limit.
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        out.ticker = Some(ticker);
-    }
-
-    async fn send_chat(
-        &self,
-        conn: &mut Conn,
-        out: &mut Outbox,
-    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-        let Some((j, _)) = &self.sender else {
+    async fn send_chat(&self, conn: &mut Conn, loc: &mut Local) -> Result<(), tungstenite::Error> {
+        let Role::Sender { j, .. } = &self.role else {
             return Ok(());
         };
-        out.seq += 1;
-        let reference = out.seq as i64;
-        let text = self.sh.stamp.text(*j, out.seq, unix_micros());
+        let reference = Self::take_ref(loc, Pending::Chat);
+        let text = self.sh.stamp.text(*j, reference as u64, unix_micros());
         let msg = proto::encode_chat(
             self.sh.target.format,
             &self.sh.rooms[self.room],
             &text,
             reference,
         );
-        out.pending.insert(reference, Instant::now());
         self.sh.sent.fetch_add(1, Relaxed);
         conn.send(msg).await
     }
 
-    /// Handles one read result; false when the connection is gone.
-    fn on_message(
-        &self,
-        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
-        out: &mut Outbox,
-    ) -> bool {
+    async fn send_gift(&self, conn: &mut Conn, loc: &mut Local) -> Result<(), tungstenite::Error> {
+        let reference = Self::take_ref(loc, Pending::Gift);
+        let msg = proto::encode(
+            self.sh.target.format,
+            &ClientOp::Gift {
+                room: &self.sh.rooms[self.room],
+                gift: &self.sh.plan.gift,
+                count: 1,
+                reference,
+            },
+        );
+        self.sh.gifts_sent.fetch_add(1, Relaxed);
+        conn.send(msg).await
+    }
+
+    /// Handles one read result; `Err(reason)` when the connection is gone.
+    fn on_message(&self, msg: WsResult, loc: &mut Local) -> Result<(), String> {
         let sh = &self.sh;
         let msg = match msg {
             Some(Ok(msg)) => msg,
-            Some(Err(e)) => {
-                sh.lost.add(format!("read: {}", short_ws_error(&e)));
-                return false;
-            }
-            None => {
-                sh.lost.add("stream ended");
-                return false;
-            }
+            Some(Err(e)) => return Err(format!("read: {}", short_ws_error(&e))),
+            None => return Err("stream ended".into()),
         };
         match proto::decode(&msg) {
             Decoded::Frame(frame) => {
                 sh.frames.fetch_add(1, Relaxed);
-                self.on_frame(frame, out);
+                self.on_frame(frame, loc);
             }
             Decoded::Garbage(why) => {
                 sh.frames.fetch_add(1, Relaxed);
@@ -456,60 +1020,133 @@ impl Member {
             Decoded::Control => {}
             Decoded::Close(code) => {
                 let code = code.map_or_else(|| "-".to_string(), |c| c.to_string());
-                sh.lost.add(format!("closed by server: {code}"));
-                return false;
+                return Err(format!("closed by server: {code}"));
             }
         }
-        true
+        Ok(())
     }
 
-    fn on_frame(&self, frame: ServerFrame<'_>, out: &mut Outbox) {
+    fn on_frame(&self, frame: ServerFrame<'_>, loc: &mut Local) {
         let sh = &self.sh;
         match frame.op {
-            "batch" => {
-                sh.batch_frames.fetch_add(1, Relaxed);
-                sh.batch_events
-                    .fetch_add(frame.events.len() as u64, Relaxed);
-                let mut now = None;
-                let mut hist = None;
-                let (mut ours, mut foreign) = (0, 0);
-                for ev in frame.events.iter().filter(|e| e.kind == "chat") {
+            "batch" => self.on_batch(&frame),
+            "ack" | "joined" => {
+                let Some((what, sent)) = frame.reference.and_then(|r| loc.pending.remove(&r))
+                else {
+                    return;
+                };
+                match what {
+                    Pending::Chat => {
+                        sh.acks.fetch_add(1, Relaxed);
+                        sh.acked[self.room].fetch_add(1, Relaxed);
+                        sh.ack_latency
+                            .shard(self.index)
+                            .saturating_record(sent.elapsed().as_micros() as u64);
+                    }
+                    Pending::Gift => {
+                        sh.gift_acks.fetch_add(1, Relaxed);
+                        sh.gifts_acked[self.room].fetch_add(1, Relaxed);
+                    }
+                    Pending::Leave => {
+                        loc.churn = Churn::Left;
+                        if self.sending() {
+                            loc.timer = Some(tokio::time::Instant::now() + sh.plan.away);
+                        } else {
+                            loc.timer = None;
+                        }
+                    }
+                    Pending::Join => {
+                        sh.churn.rejoins.fetch_add(1, Relaxed);
+                        sh.churn
+                            .rejoin_latency
+                            .shard(self.index)
+                            .saturating_record(sent.elapsed().as_micros() as u64);
+                        loc.churn = Churn::Present;
+                        loc.timer = None;
+                        self.schedule_churn(loc);
+                    }
+                }
+            }
+            "error" => {
+                let code = frame.code.unwrap_or("?");
+                let what = frame
+                    .reference
+                    .and_then(|r| loc.pending.remove(&r))
+                    .map(|(what, _)| what);
+                match what {
+                    Some(Pending::Chat) | None => sh.errors.add(code),
+                    Some(Pending::Gift) => sh.gift_errors.add(code),
+                    Some(Pending::Leave) => {
+                        sh.churn.errors.add(format!("leave: {code}"));
+                        loc.churn = Churn::Present;
+                        loc.timer = None;
+                        self.schedule_churn(loc);
+                    }
+                    Some(Pending::Join) => {
+                        sh.churn.errors.add(format!("join: {code}"));
+                        loc.churn = Churn::Left;
+                        loc.timer = self
+                            .sending()
+                            .then(|| tokio::time::Instant::now() + sh.plan.away);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_batch(&self, frame: &ServerFrame<'_>) {
+        let sh = &self.sh;
+        sh.batch_frames.fetch_add(1, Relaxed);
+        sh.batch_events
+            .fetch_add(frame.events.len() as u64, Relaxed);
+        let stable = !self.churner();
+        let mut now = None;
+        let mut hist = None;
+        let (mut ours, mut foreign, mut gifts) = (0, 0, 0);
+        for ev in &frame.events {
+            match ev.kind {
+                "chat" => {
                     let sent = ev.text.as_ref().and_then(|t| sh.stamp.sent_at(&t.0));
                     let Some(sent) = sent else {
                         foreign += 1;
                         continue;
                     };
-                    let now = *now.get_or_insert_with(unix_micros);
-                    hist.get_or_insert_with(|| sh.latency.shard(self.index))
-                        .saturating_record(now.saturating_sub(sent));
                     ours += 1;
+                    if stable {
+                        let now = *now.get_or_insert_with(unix_micros);
+                        hist.get_or_insert_with(|| sh.latency.shard(self.index))
+                            .saturating_record(now.saturating_sub(sent));
+                    }
                 }
-                drop(hist);
-                if ours > 0 {
-                    sh.delivered.fetch_add(ours, Relaxed);
-                    sh.last_delivery_us
-                        .fetch_max(now.unwrap_or_default(), Relaxed);
+                "gift" => {
+                    let ours = ev
+                        .user
+                        .as_ref()
+                        .is_some_and(|u| u.id.0.starts_with(sh.user_prefix.as_str()))
+                        && ev.gift.as_ref().is_some_and(|g| g.0 == sh.plan.gift);
+                    if ours {
+                        gifts += ev.count.unwrap_or(1);
+                    }
                 }
-                if foreign > 0 {
-                    sh.foreign_chats.fetch_add(foreign, Relaxed);
-                }
+                _ => {}
             }
-            "ack" => {
-                if let Some(sent) = frame.reference.and_then(|r| out.pending.remove(&r)) {
-                    sh.acks.fetch_add(1, Relaxed);
-                    sh.acked[self.room].fetch_add(1, Relaxed);
-                    sh.ack_latency
-                        .shard(self.index)
-                        .saturating_record(sent.elapsed().as_micros() as u64);
-                }
+        }
+        drop(hist);
+        if ours > 0 {
+            if stable {
+                sh.delivered.fetch_add(ours, Relaxed);
+                sh.last_delivery_us
+                    .fetch_max(now.unwrap_or_default(), Relaxed);
+            } else {
+                sh.churn.churner_deliveries.fetch_add(ours, Relaxed);
             }
-            "error" => {
-                sh.errors.add(frame.code.unwrap_or("?"));
-                if let Some(r) = frame.reference {
-                    out.pending.remove(&r);
-                }
-            }
-            _ => {}
+        }
+        if gifts > 0 && stable {
+            sh.gift_delivered.fetch_add(gifts, Relaxed);
+        }
+        if foreign > 0 {
+            sh.foreign_chats.fetch_add(foreign, Relaxed);
         }
     }
 }
@@ -527,10 +1164,10 @@ pub struct ChatStats {
     pub send_rate: f64,
 }
 
-/// Delivery of the acked chats to the rooms' members.
+/// Delivery of the acked chats to the rooms' stable members.
 #[derive(Debug, Serialize)]
 pub struct DeliveryStats {
-    /// Σ over rooms of acked chats × members (senders included).
+    /// Σ over rooms of acked chats × stable members (senders included).
     pub expected: u64,
     pub delivered: u64,
     /// delivered / expected (0 when nothing was expected).
@@ -539,8 +1176,46 @@ pub struct DeliveryStats {
     pub per_s: f64,
 }
 
+/// Free gifts (soak): sent, acked, and their counts delivered to stable members.
+#[derive(Debug, Serialize)]
+pub struct GiftStats {
+    pub gift: String,
+    pub rate: f64,
+    pub sent: u64,
+    pub acked: u64,
+    pub errors: BTreeMap<String, u64>,
+    /// Σ over rooms of acked gifts × stable members.
+    pub expected: u64,
+    /// Σ of the `count` of this run's gift events received by stable members.
+    pub delivered: u64,
+    pub ratio: f64,
+}
+
+/// Churning viewers and reconnections (soak).
+#[derive(Debug, Serialize)]
+pub struct ChurnStats {
+    /// Viewers that kept leaving and rejoining (not in the delivery ratio).
+    pub churners: usize,
+    pub leaves: u64,
+    pub rejoins: u64,
+    /// `leave` sent to `joined` on the way back.
+    pub rejoin_latency: LatencySummary,
+    /// Planned reconnections (closed on purpose, reconnected and joined).
+    pub reconnects: u64,
+    /// Reconnections of connections the gateway dropped.
+    pub unplanned_reconnects: u64,
+    pub reconnect_failures: BTreeMap<String, u64>,
+    /// Connect start to `joined`, for every reconnection.
+    pub reconnect_latency: LatencySummary,
+    /// Leave/join errors by `op: code`.
+    pub errors: BTreeMap<String, u64>,
+    /// This run's chats received by churning viewers.
+    pub churner_deliveries: u64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct FanoutReport {
+    /// `fanout`, `rooms` or `soak`.
     pub scenario: &'static str,
     pub url: String,
     pub format: Format,
@@ -567,49 +1242,100 @@ pub struct FanoutReport {
     /// Chat events that were not this run's (other clients, earlier runs).
     pub foreign_chat_events: u64,
     pub undecodable_frames: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gifts: Option<GiftStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub churn: Option<ChurnStats>,
     pub min_delivery_ratio: f64,
+    /// `delivery` is the chat delivery ratio, latencies the delivery latency.
+    pub slo: Vec<SloCheck>,
+    /// CPU and memory of the gateway (`--pid`) and of the tool over the run.
+    pub usage: Usage,
     pub passed: bool,
 }
 
+fn ratio(num: u64, den: u64) -> f64 {
+    if den > 0 {
+        ((num as f64 / den as f64) * 1e6).round() / 1e6
+    } else {
+        0.0
+    }
+}
+
 fn report(
-    args: &FanoutArgs,
     sh: &Shared,
     run_id: String,
     connect: ConnectSummary,
     members: &[u64],
     sending_took: Duration,
     send_start_us: u64,
+    usage: Usage,
 ) -> FanoutReport {
-    let expected: u64 = sh
-        .acked
-        .iter()
-        .zip(members)
-        .map(|(acked, m)| acked.load(Relaxed) * m)
-        .sum();
-    let delivered = sh.delivered.load(Relaxed);
-    let ratio = if expected > 0 {
-        delivered as f64 / expected as f64
-    } else {
-        0.0
+    let plan = &sh.plan;
+    let expected_for = |acked: &[AtomicU64]| -> u64 {
+        acked
+            .iter()
+            .zip(members)
+            .map(|(acked, m)| acked.load(Relaxed) * m)
+            .sum()
     };
+    let expected = expected_for(&sh.acked);
+    let delivered = sh.delivered.load(Relaxed);
+    let delivery_ratio = ratio(delivered, expected);
     let last_us = sh.last_delivery_us.load(Relaxed);
     let delivering = Duration::from_micros(last_us.saturating_sub(send_start_us));
     let errors = sh.errors.snapshot();
     let sent = sh.sent.load(Relaxed);
     let acked = sh.acks.load(Relaxed);
     let refused: u64 = errors.values().sum();
-    let passed =
-        args.min_delivery_ratio <= 0.0 || (expected > 0 && ratio >= args.min_delivery_ratio);
+    let latency = LatencySummary::of(&sh.latency.snapshot());
+    let slo = plan
+        .conn
+        .slo
+        .slo()
+        .evaluate((expected > 0).then_some(delivery_ratio), &latency);
+    let ratio_ok = plan.min_delivery_ratio <= 0.0
+        || (expected > 0 && delivery_ratio >= plan.min_delivery_ratio);
+    let gifts = (plan.gift_rate > 0.0).then(|| {
+        let expected = expected_for(&sh.gifts_acked);
+        let delivered = sh.gift_delivered.load(Relaxed);
+        GiftStats {
+            gift: plan.gift.clone(),
+            rate: plan.gift_rate,
+            sent: sh.gifts_sent.load(Relaxed),
+            acked: sh.gift_acks.load(Relaxed),
+            errors: sh.gift_errors.snapshot(),
+            expected,
+            delivered,
+            ratio: ratio(delivered, expected),
+        }
+    });
+    let churn = (plan.churners > 0 || plan.reconnect_lost).then(|| {
+        let c = &sh.churn;
+        ChurnStats {
+            churners: plan.churners,
+            leaves: c.leaves.load(Relaxed),
+            rejoins: c.rejoins.load(Relaxed),
+            rejoin_latency: LatencySummary::of(&c.rejoin_latency.snapshot()),
+            reconnects: c.reconnects.load(Relaxed),
+            unplanned_reconnects: c.unplanned_reconnects.load(Relaxed),
+            reconnect_failures: c.reconnect_failures.snapshot(),
+            reconnect_latency: LatencySummary::of(&c.reconnect_latency.snapshot()),
+            errors: c.errors.snapshot(),
+            churner_deliveries: c.churner_deliveries.load(Relaxed),
+        }
+    });
+    let passed = ratio_ok && slo::all_met(&slo);
     FanoutReport {
-        scenario: "fanout",
-        url: args.conn.url.clone(),
-        format: args.conn.format,
+        scenario: plan.scenario,
+        url: plan.conn.url(),
+        format: plan.conn.format,
         run_id,
-        receivers: args.conns,
-        senders: args.senders,
-        rooms: args.rooms,
-        rate: args.rate,
-        duration_s: args.duration,
+        receivers: plan.conns,
+        senders: plan.senders,
+        rooms: plan.rooms,
+        rate: plan.rate,
+        duration_s: plan.duration,
         connect,
         late_joined: sh.late.load(Relaxed),
         lost: sh.lost.snapshot(),
@@ -624,16 +1350,20 @@ fn report(
         deliveries: DeliveryStats {
             expected,
             delivered,
-            ratio: (ratio * 1e6).round() / 1e6,
+            ratio: delivery_ratio,
             per_s: round3(per_sec(delivered, delivering)),
         },
-        latency: LatencySummary::of(&sh.latency.snapshot()),
+        latency,
         frames_received: sh.frames.load(Relaxed),
         batch_frames: sh.batch_frames.load(Relaxed),
         batch_events: sh.batch_events.load(Relaxed),
         foreign_chat_events: sh.foreign_chats.load(Relaxed),
         undecodable_frames: sh.garbage.load(Relaxed),
-        min_delivery_ratio: args.min_delivery_ratio,
+        gifts,
+        churn,
+        min_delivery_ratio: plan.min_delivery_ratio,
+        slo,
+        usage,
         passed,
     }
 }
@@ -645,8 +1375,14 @@ impl Report for FanoutReport {
 
     fn human(&self) -> String {
         let mut t = Table::default();
+        let viewers = if self.scenario == "soak" {
+            "viewers"
+        } else {
+            "receivers"
+        };
         t.section(&format!(
-            "fanout: {} receivers + {} senders over {} rooms at {} ({}), {} chats/s for {} s",
+            "{}: {} {viewers} + {} senders over {} rooms at {} ({}), {} chats/s for {} s",
+            self.scenario,
             self.receivers,
             self.senders,
             self.rooms,
@@ -666,7 +1402,11 @@ impl Report for FanoutReport {
             .row("unanswered", self.chats.unanswered)
             .tally("errors", &self.chats.errors)
             .row("ack latency", self.ack_latency.line());
-        t.section("deliveries");
+        t.section(if self.churn.is_some() {
+            "deliveries (stable members)"
+        } else {
+            "deliveries"
+        });
         t.row("expected", self.deliveries.expected)
             .row("delivered", self.deliveries.delivered)
             .row("ratio", format!("{:.6}", self.deliveries.ratio))
@@ -677,14 +1417,61 @@ impl Report for FanoutReport {
             .row("batch events", self.batch_events)
             .row("foreign chat events", self.foreign_chat_events)
             .row("undecodable frames", self.undecodable_frames);
-        let verdict = if self.min_delivery_ratio <= 0.0 {
-            "PASS (no --min-delivery-ratio)".to_string()
-        } else if self.passed {
-            format!("PASS (ratio >= {})", self.min_delivery_ratio)
-        } else {
-            format!("FAIL (ratio < {})", self.min_delivery_ratio)
-        };
+        if let Some(g) = &self.gifts {
+            t.section(&format!("gifts ({}, {} /s)", g.gift, g.rate));
+            t.row("sent", g.sent)
+                .row("acked", g.acked)
+                .tally("errors", &g.errors)
+                .row("expected (counts)", g.expected)
+                .row("delivered (counts)", g.delivered)
+                .row("ratio", format!("{:.6}", g.ratio));
+        }
+        if let Some(c) = &self.churn {
+            t.section("churn and reconnects");
+            t.row("churning viewers", c.churners)
+                .row("leaves", c.leaves)
+                .row("rejoins", c.rejoins)
+                .row("rejoin latency", c.rejoin_latency.line())
+                .row("reconnects (planned)", c.reconnects)
+                .row("reconnects (dropped)", c.unplanned_reconnects)
+                .tally("reconnect failures", &c.reconnect_failures)
+                .row("reconnect latency", c.reconnect_latency.line())
+                .tally("leave/join errors", &c.errors)
+                .row("churner deliveries", c.churner_deliveries);
+        }
+        slo::rows(&mut t, &self.slo, "delivery ratio", "delivery latency");
+        let mut verdict = if self.passed { "PASS" } else { "FAIL" }.to_string();
+        if self.min_delivery_ratio > 0.0 {
+            let cmp = if self.deliveries.ratio >= self.min_delivery_ratio {
+                ">="
+            } else {
+                "<"
+            };
+            verdict.push_str(&format!(" (ratio {cmp} {})", self.min_delivery_ratio));
+        } else if self.slo.is_empty() {
+            verdict.push_str(" (no --min-delivery-ratio or --slo)");
+        }
+        self.usage.rows(&mut t);
         t.row("result", verdict);
         t.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn senders_spread_over_rooms() {
+        let rooms: Vec<usize> = (0..4).map(|j| sender_room(j, 4, 10)).collect();
+        assert_eq!(rooms, [0, 2, 5, 7]);
+        let rooms: Vec<usize> = (0..6).map(|j| sender_room(j, 6, 3)).collect();
+        assert_eq!(rooms, [0, 1, 2, 0, 1, 2]);
+        let (period, stagger) = pace(100.0, 100);
+        assert_eq!(
+            (period, stagger),
+            (Duration::from_secs(1), Duration::from_millis(10))
+        );
+        assert_eq!(pace(0.0, 10).0, Duration::MAX);
     }
 }

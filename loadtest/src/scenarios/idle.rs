@@ -12,8 +12,9 @@ use clap::Args;
 use serde::Serialize;
 
 use super::crowd::Crowd;
-use super::{ConnArgs, ConnectSummary, secs, sleep_or_interrupt};
+use super::{ConnArgs, ConnectSummary, Usage, UsageWatch, secs, sleep_or_interrupt};
 use crate::report::{Report, Table};
+use crate::slo::{self, SloCheck};
 use crate::{progress, sys};
 
 const SCENARIO: &str = "idle";
@@ -31,9 +32,6 @@ pub struct IdleArgs {
     /// Seconds to hold the connections once all joined.
     #[arg(long, default_value_t = 10.0)]
     pub hold: f64,
-    /// Gateway process id: its VmRSS is read before, after all joined, and at the end.
-    #[arg(long)]
-    pub pid: Option<u32>,
 }
 
 /// Resident memory of one process over the run.
@@ -97,6 +95,10 @@ pub struct IdleReport {
     pub frames_received: u64,
     pub server_rss: Option<RssReport>,
     pub client_rss: Option<RssReport>,
+    /// `delivery` is joined / attempted, latencies the connect latency.
+    pub slo: Vec<SloCheck>,
+    /// CPU and memory of the gateway (`--pid`) and of the tool over the run.
+    pub usage: Usage,
     pub passed: bool,
 }
 
@@ -124,6 +126,8 @@ impl Report for IdleReport {
             t.section("loadtest RSS");
             rss.rows(&mut t);
         }
+        slo::rows(&mut t, &self.slo, "join ratio", "connect latency");
+        self.usage.rows(&mut t);
         t.row("result", if self.passed { "PASS" } else { "FAIL" });
         t.finish()
     }
@@ -136,15 +140,16 @@ impl Report for IdleReport {
 pub async fn run(args: IdleArgs, nofile: u64) -> anyhow::Result<IdleReport> {
     args.conn.check_capacity(args.conns, nofile);
     let target = Arc::new(args.conn.target().await?);
+    let watch_usage = UsageWatch::start(args.conn.pid);
     eprintln!(
         "{}: {} connections -> {} ({}) room {}",
         SCENARIO,
         args.conns,
-        target.server(),
+        target.describe(),
         args.conn.format.as_str(),
         args.room
     );
-    let pid = args.pid.map(|p| p.to_string());
+    let pid = args.conn.pid.map(|p| p.to_string());
     let server_rss = |pid: &Option<String>| pid.as_deref().and_then(sys::vm_rss_bytes);
     let client_rss = || sys::vm_rss_bytes("self");
     let server_before = server_rss(&pid);
@@ -157,9 +162,19 @@ pub async fn run(args: IdleArgs, nofile: u64) -> anyhow::Result<IdleReport> {
     let progress = {
         let tracker = Arc::clone(&crowd.tracker);
         let dropped = Arc::clone(&crowd.dropped);
-        progress::spawn(move |_| {
+        let frames = Arc::clone(&crowd.frames);
+        let mut last = 0;
+        progress::spawn(move |elapsed| {
             let lost: u64 = dropped.snapshot().values().sum();
-            format!("idle: {} | dropped {lost}", tracker.progress())
+            let now = frames.load(Relaxed);
+            let msgs = progress::per_sec(now - last, elapsed);
+            last = now;
+            format!(
+                "idle: {} | open {} dropped {lost} | {msgs:.0} msgs/s | connect p99 {} ms",
+                tracker.progress(),
+                tracker.joined().saturating_sub(lost),
+                tracker.p99_ms()
+            )
         })
     };
     crowd
@@ -194,10 +209,16 @@ pub async fn run(args: IdleArgs, nofile: u64) -> anyhow::Result<IdleReport> {
         (Some(b), Some(j), Some(e)) => Some(RssReport::new("self".into(), b, j, e, connect.ok)),
         _ => None,
     };
-    let passed = connect.failed == 0 && connect.all_joined && dropped.is_empty();
+    let slo = args
+        .conn
+        .slo
+        .slo()
+        .evaluate(connect.join_ratio(), &connect.connect_latency);
+    let passed =
+        connect.failed == 0 && connect.all_joined && dropped.is_empty() && slo::all_met(&slo);
     Ok(IdleReport {
         scenario: SCENARIO,
-        url: args.conn.url,
+        url: args.conn.url(),
         room: args.room,
         conns: args.conns,
         hold_s: args.hold,
@@ -207,6 +228,8 @@ pub async fn run(args: IdleArgs, nofile: u64) -> anyhow::Result<IdleReport> {
         frames_received,
         server_rss,
         client_rss,
+        slo,
+        usage: watch_usage.finish(),
         passed,
     })
 }

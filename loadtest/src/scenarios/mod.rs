@@ -1,6 +1,7 @@
-//! The scenarios (`fanout`, `idle`, `storm`) and what they share: the connection options
-//! common to all of them ([`ConnArgs`]), the bounded-concurrency connect phase with its
-//! bookkeeping ([`ConnectTracker`]), and the bounded wait for connection tasks to end.
+//! The scenarios (`fanout`/`rooms`/`soak`, `redpacket`, `idle`, `storm`) and what they
+//! share: the connection and SLO options common to all of them ([`ConnArgs`]), the
+//! bounded-concurrency connect phase with its bookkeeping ([`ConnectTracker`]), the
+//! bounded wait for connection tasks to end, and a small jitter RNG ([`Rng`]).
 //!
 //! Every scenario is a fixed timeline (connect, maybe warm up / send / hold, drain,
 //! close) whose every step has a deadline, so a run always ends by itself.
@@ -8,6 +9,7 @@
 pub mod crowd;
 pub mod fanout;
 pub mod idle;
+pub mod redpacket;
 pub mod storm;
 
 use std::collections::BTreeMap;
@@ -25,13 +27,21 @@ use tokio::task::JoinSet;
 use crate::client::{Conn, Joined, Target};
 use crate::proto::Format;
 use crate::report::{LatencySummary, Table, Tally, lock, new_hist, round3};
+use crate::slo::SloArgs;
 
-/// Connection options shared by every scenario.
+/// Connection (and SLO) options shared by every scenario.
 #[derive(Debug, Clone, Args)]
 pub struct ConnArgs {
-    /// Gateway WebSocket endpoint (no query: token, room and format are added).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    pub url: String,
+    /// Gateway WebSocket endpoint(s), comma-separated (several nodes, or remote ones):
+    /// connections are assigned round-robin. No query: token, room and format are added.
+    #[arg(
+        long = "target",
+        visible_alias = "url",
+        value_name = "WS_URL[,WS_URL...]",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:8080/ws"
+    )]
+    pub targets: Vec<String>,
     /// Connection attempts in flight at once (each holds its slot until `joined`).
     #[arg(long, default_value_t = 500)]
     pub concurrency: usize,
@@ -48,6 +58,16 @@ pub struct ConnArgs {
     /// Bound on the whole connect phase, seconds; the run goes on with what joined.
     #[arg(long, default_value_t = 180.0)]
     pub join_timeout: f64,
+    /// tungstenite's read buffer per connection, KiB (allocated up front: the client's
+    /// memory per connection). Larger means fewer read syscalls for heavy traffic.
+    #[arg(long, default_value_t = 4)]
+    pub read_buffer_kib: usize,
+    /// Gateway process id (same machine): its CPU seconds (utime+stime) and RSS
+    /// (VmRSS, VmHWM) before and after the run go into the report.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    #[command(flatten)]
+    pub slo: SloArgs,
 }
 
 impl ConnArgs {
@@ -56,13 +76,20 @@ impl ConnArgs {
     /// # Errors
     /// A bad URL or unresolvable host (see [`Target::resolve`]).
     pub async fn target(&self) -> anyhow::Result<Target> {
-        Target::resolve(
-            &self.url,
+        let mut target = Target::resolve(
+            &self.targets,
             self.sources.clone(),
             self.format,
             secs(self.connect_timeout),
         )
-        .await
+        .await?;
+        target.read_buffer = self.read_buffer_kib.max(1) * 1024;
+        Ok(target)
+    }
+
+    /// The targets as one string, for reports.
+    pub fn url(&self) -> String {
+        self.targets.join(",")
     }
 
     /// Warns when `conns` sockets will not fit the open-file limit or source ports.
@@ -72,7 +99,7 @@ impl ConnArgs {
                 "warning: {conns} connections need more than the open-file limit {nofile} allows"
             );
         }
-        let sources = self.sources.len().max(1);
+        let sources = self.sources.len().max(1) * self.targets.len().max(1);
         if conns / sources > 28_000 {
             eprintln!(
                 "warning: {conns} connections over {sources} source address(es) exceed ~28k \
@@ -117,6 +144,8 @@ pub struct ConnectTracker {
     failures: Tally,
     latency: Mutex<Histogram<u64>>,
     settled: Notify,
+    /// Set by [`ConnectTracker::close`]: joins from then on are late.
+    closed: Mutex<bool>,
 }
 
 impl ConnectTracker {
@@ -134,6 +163,7 @@ impl ConnectTracker {
             failures: Tally::default(),
             latency: Mutex::new(new_hist()),
             settled: Notify::new(),
+            closed: Mutex::new(false),
         }
     }
 
@@ -146,6 +176,23 @@ impl ConnectTracker {
         room: &str,
         token: Option<&str>,
     ) -> Option<(Conn, Joined)> {
+        self.open_with(target, index, room, token, || {})
+            .await
+            .map(|(conn, joined, _)| (conn, joined))
+    }
+
+    /// As [`ConnectTracker::open`], and tells whether the join came before
+    /// [`ConnectTracker::close`]; `on_join` runs, atomically with that decision, only
+    /// for a join in time (so a scenario's member counts are complete once the phase
+    /// is closed, even for the join that settled it).
+    pub async fn open_with(
+        &self,
+        target: &Target,
+        index: usize,
+        room: &str,
+        token: Option<&str>,
+        on_join: impl FnOnce(),
+    ) -> Option<(Conn, Joined, bool)> {
         let result = {
             // The semaphore is never closed.
             let _permit = self.sem.acquire().await.ok()?;
@@ -157,12 +204,19 @@ impl ConnectTracker {
         };
         let outcome = match result {
             Ok((ok, took)) => {
+                let in_time = {
+                    let closed = lock(&self.closed);
+                    if !*closed {
+                        on_join();
+                    }
+                    !*closed
+                };
                 lock(&self.latency).saturating_record(took.as_micros() as u64);
                 self.max_online.fetch_max(ok.1.online, Relaxed);
                 self.last_joined_us
                     .fetch_max(self.start.elapsed().as_micros() as u64, Relaxed);
                 self.joined.fetch_add(1, Relaxed);
-                Some(ok)
+                Some((ok.0, ok.1, in_time))
             }
             Err(failure) => {
                 self.failures.add(failure.to_string());
@@ -175,6 +229,11 @@ impl ConnectTracker {
             self.settled.notify_one();
         }
         outcome
+    }
+
+    /// Ends the connect phase: connections that join from now on are late.
+    pub fn close(&self) {
+        *lock(&self.closed) = true;
     }
 
     /// Waits until every connection joined or failed, at most `limit`; true if so.
@@ -199,6 +258,11 @@ impl ConnectTracker {
 
     pub fn failed(&self) -> u64 {
         self.failed.load(Relaxed)
+    }
+
+    /// p99 of the connect latency so far, in ms (for progress lines).
+    pub fn p99_ms(&self) -> f64 {
+        LatencySummary::of(&lock(&self.latency)).p99_ms
     }
 
     /// `joined J/N failed F` for progress lines.
@@ -266,6 +330,12 @@ pub struct ConnectSummary {
 }
 
 impl ConnectSummary {
+    /// The share of attempted connections that joined (the `delivery` of an SLO for
+    /// connect scenarios); `None` when nothing was attempted.
+    pub fn join_ratio(&self) -> Option<f64> {
+        (self.attempted > 0).then(|| self.ok as f64 / self.attempted as f64)
+    }
+
     /// Appends the connection rows to a human table.
     pub fn rows(&self, t: &mut Table) {
         t.row("attempted", self.attempted)
@@ -339,5 +409,164 @@ pub async fn sleep_or_interrupt(d: Duration) -> bool {
     tokio::select! {
         () = tokio::time::sleep(d) => false,
         () = interrupted() => true,
+    }
+}
+
+/// A small xorshift64* generator for jitter (not for anything that needs real randomness).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded from `seed` and the clock (never zero).
+    pub fn new(seed: u64) -> Self {
+        let mixed = (seed.wrapping_add(1)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ crate::report::unix_micros();
+        Self(mixed | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1_u64 << 53) as f64
+    }
+
+    /// `d` scaled by a uniform factor in `[lo, hi)`.
+    pub fn jitter(&mut self, d: Duration, lo: f64, hi: f64) -> Duration {
+        d.mul_f64(lo + (hi - lo) * self.unit())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_stays_in_range() {
+        let mut r = Rng::new(7);
+        for _ in 0..10_000 {
+            let u = r.unit();
+            assert!((0.0..1.0).contains(&u));
+            let d = r.jitter(Duration::from_millis(100), 0.5, 1.5);
+            assert!(d >= Duration::from_millis(50) && d < Duration::from_millis(150));
+        }
+    }
+}
+
+/// What a run cost one process: CPU time and memory, read before and after.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessUsage {
+    /// The process id, or `self` for the load generator.
+    pub pid: String,
+    /// utime + stime over the run.
+    pub cpu_s: f64,
+    pub user_s: f64,
+    pub sys_s: f64,
+    /// cpu_s / wall time: average cores kept busy.
+    pub cpu_cores: f64,
+    pub rss_before_bytes: u64,
+    pub rss_after_bytes: u64,
+    /// VmHWM (peak RSS since the process started) before and after the run; with a
+    /// freshly started gateway, `hwm_after` is the run's peak.
+    pub hwm_before_bytes: u64,
+    pub hwm_after_bytes: u64,
+}
+
+/// Process costs of a run: the gateway's (with `--pid`) and the load generator's own.
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    pub wall_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<ProcessUsage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loadtest: Option<ProcessUsage>,
+}
+
+/// Takes the "before" readings; [`UsageWatch::finish`] takes the "after" ones.
+pub struct UsageWatch {
+    start: Instant,
+    gateway: Option<(String, crate::sys::ProcSample)>,
+    client: Option<crate::sys::ProcSample>,
+}
+
+impl UsageWatch {
+    pub fn start(pid: Option<u32>) -> Self {
+        let gateway = pid.and_then(|p| {
+            let p = p.to_string();
+            let sample = crate::sys::proc_sample(&p);
+            if sample.is_none() {
+                eprintln!("warning: cannot read /proc/{p}: no gateway CPU/RSS in the report");
+            }
+            sample.map(|s| (p, s))
+        });
+        Self {
+            start: Instant::now(),
+            gateway,
+            client: crate::sys::proc_sample("self"),
+        }
+    }
+
+    pub fn finish(&self) -> Usage {
+        let wall = self.start.elapsed().as_secs_f64();
+        let usage = |pid: &str, before: &crate::sys::ProcSample| {
+            let after = crate::sys::proc_sample(pid)?;
+            let user = after.user_s - before.user_s;
+            let sys = after.sys_s - before.sys_s;
+            Some(ProcessUsage {
+                pid: pid.to_string(),
+                cpu_s: round3(user + sys),
+                user_s: round3(user),
+                sys_s: round3(sys),
+                cpu_cores: if wall > 0.0 {
+                    round3((user + sys) / wall)
+                } else {
+                    0.0
+                },
+                rss_before_bytes: before.rss_bytes,
+                rss_after_bytes: after.rss_bytes,
+                hwm_before_bytes: before.hwm_bytes,
+                hwm_after_bytes: after.hwm_bytes,
+            })
+        };
+        Usage {
+            wall_s: round3(wall),
+            gateway: self.gateway.as_ref().and_then(|(p, b)| usage(p, b)),
+            loadtest: self.client.as_ref().and_then(|b| usage("self", b)),
+        }
+    }
+}
+
+impl Usage {
+    /// Appends a `process usage` section to a human table.
+    pub fn rows(&self, t: &mut Table) {
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1 << 20));
+        t.section(&format!("process usage over {} s", self.wall_s));
+        for (name, u) in [("gateway", &self.gateway), ("loadtest", &self.loadtest)] {
+            let Some(u) = u else { continue };
+            t.row(
+                &format!("{name} cpu"),
+                format!(
+                    "{} s (user {} + sys {}), {} cores avg  [pid {}]",
+                    u.cpu_s, u.user_s, u.sys_s, u.cpu_cores, u.pid
+                ),
+            )
+            .row(
+                &format!("{name} rss"),
+                format!(
+                    "{} -> {}, peak (VmHWM) {} -> {}",
+                    mib(u.rss_before_bytes),
+                    mib(u.rss_after_bytes),
+                    mib(u.hwm_before_bytes),
+                    mib(u.hwm_after_bytes)
+                ),
+            );
+        }
     }
 }

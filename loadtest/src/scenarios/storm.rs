@@ -5,16 +5,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use clap::Args;
 use serde::Serialize;
 
 use super::crowd::Crowd;
-use super::{ConnArgs, ConnectSummary, run_id, secs, sleep_or_interrupt};
+use super::{ConnArgs, ConnectSummary, Usage, UsageWatch, run_id, secs, sleep_or_interrupt};
 use crate::auth::Minter;
 use crate::progress;
 use crate::report::{Report, Table};
+use crate::slo::{self, SloCheck};
 
 const SCENARIO: &str = "storm";
 
@@ -51,6 +53,10 @@ pub struct StormReport {
     pub connect: ConnectSummary,
     /// Joined connections lost before they were closed, by reason.
     pub dropped: BTreeMap<String, u64>,
+    /// `delivery` is joined / attempted, latencies the connect latency.
+    pub slo: Vec<SloCheck>,
+    /// CPU and memory of the gateway (`--pid`) and of the tool over the run.
+    pub usage: Usage,
     pub passed: bool,
 }
 
@@ -79,6 +85,8 @@ impl Report for StormReport {
         );
         self.connect.rows(&mut t);
         t.tally("dropped after join", &self.dropped);
+        slo::rows(&mut t, &self.slo, "join ratio", "connect latency");
+        self.usage.rows(&mut t);
         t.row("result", if self.passed { "PASS" } else { "FAIL" });
         t.finish()
     }
@@ -91,11 +99,12 @@ impl Report for StormReport {
 pub async fn run(args: StormArgs, nofile: u64) -> anyhow::Result<StormReport> {
     args.conn.check_capacity(args.conns, nofile);
     let target = Arc::new(args.conn.target().await?);
+    let watch_usage = UsageWatch::start(args.conn.pid);
     eprintln!(
         "{}: {} connections -> {} ({}) room {}",
         SCENARIO,
         args.conns,
-        target.server(),
+        target.describe(),
         args.conn.format.as_str(),
         args.room
     );
@@ -119,12 +128,20 @@ pub async fn run(args: StormArgs, nofile: u64) -> anyhow::Result<StormReport> {
     );
     let progress = {
         let tracker = Arc::clone(&crowd.tracker);
-        let mut last = 0;
+        let dropped = Arc::clone(&crowd.dropped);
+        let frames = Arc::clone(&crowd.frames);
+        let mut last = (0, 0);
         progress::spawn(move |elapsed| {
-            let joined = tracker.joined();
-            let rate = progress::per_sec(joined - last, elapsed);
-            last = joined;
-            format!("storm: {} | {rate:.0} joins/s", tracker.progress())
+            let now = (tracker.joined(), frames.load(Relaxed));
+            let joins = progress::per_sec(now.0 - last.0, elapsed);
+            let msgs = progress::per_sec(now.1 - last.1, elapsed);
+            last = now;
+            format!(
+                "storm: {} | dropped {} | {joins:.0} joins/s | {msgs:.0} msgs/s | connect p99 {} ms",
+                tracker.progress(),
+                dropped.snapshot().values().sum::<u64>(),
+                tracker.p99_ms()
+            )
         })
     };
     crowd
@@ -132,10 +149,10 @@ pub async fn run(args: StormArgs, nofile: u64) -> anyhow::Result<StormReport> {
         .wait_settled(secs(args.conn.join_timeout))
         .await;
     let connect = crowd.tracker.summary();
-    drop(progress);
     if args.hold > 0.0 {
         sleep_or_interrupt(secs(args.hold)).await;
     }
+    drop(progress);
     let dropped = crowd.dropped.snapshot();
     let aborted = crowd.close(Duration::from_secs(10)).await;
     if aborted > 0 {
@@ -143,10 +160,15 @@ pub async fn run(args: StormArgs, nofile: u64) -> anyhow::Result<StormReport> {
     }
 
     let all_succeeded = connect.all_joined && connect.failed == 0;
-    let passed = all_succeeded && dropped.is_empty();
+    let slo = args
+        .conn
+        .slo
+        .slo()
+        .evaluate(connect.join_ratio(), &connect.connect_latency);
+    let passed = all_succeeded && dropped.is_empty() && slo::all_met(&slo);
     Ok(StormReport {
         scenario: SCENARIO,
-        url: args.conn.url,
+        url: args.conn.url(),
         room: args.room,
         conns: args.conns,
         concurrency: args.conn.concurrency,
@@ -154,6 +176,8 @@ pub async fn run(args: StormArgs, nofile: u64) -> anyhow::Result<StormReport> {
         all_succeeded,
         connect,
         dropped,
+        slo,
+        usage: watch_usage.finish(),
         passed,
     })
 }
