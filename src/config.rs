@@ -256,6 +256,15 @@ pub struct ServerConfig {
     pub heartbeat_ms: u64,
     /// On SIGTERM, connections are closed with 1001 spread over this many seconds.
     pub drain_s: u64,
+    /// PROXY protocol (v1/v2) from an L4 load balancer: off, optional or required.
+    pub proxy_protocol: ProxyProtocol,
+    /// Addresses (CIDRs or single IPs) whose PROXY headers and `X-Forwarded-For` are
+    /// believed; empty = nobody's.
+    pub trusted_proxies: Vec<String>,
+    /// A new connection's PROXY header and TLS handshake must finish within this.
+    pub handshake_timeout_ms: u64,
+    /// TLS on the listener; cert and key both empty = plain TCP.
+    pub tls: TlsConfig,
 }
 
 impl Default for ServerConfig {
@@ -266,7 +275,41 @@ impl Default for ServerConfig {
             shards: 0,
             heartbeat_ms: 25_000,
             drain_s: 10,
+            proxy_protocol: ProxyProtocol::Off,
+            trusted_proxies: Vec::new(),
+            handshake_timeout_ms: 10_000,
+            tls: TlsConfig::default(),
         }
+    }
+}
+
+/// Whether connections start with a PROXY protocol header (HAProxy's, v1 text or v2
+/// binary) carrying the client's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// Never read: the TCP peer is the client (bytes are HTTP or TLS from the start).
+    Off,
+    /// A trusted peer may send a header; one without is served as itself.
+    Optional,
+    /// A trusted peer must send a header, else it is closed.
+    Required,
+}
+
+/// PEM files of the listener's certificate chain and private key, watched for changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// Private key of the leaf (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    /// Whether TLS is on (both files named).
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
     }
 }
 
@@ -436,6 +479,30 @@ impl Config {
             "must be at most 1024",
         )?;
         check(
+            self.server.tls.cert.as_os_str().is_empty()
+                == self.server.tls.key.as_os_str().is_empty(),
+            "server.tls.key",
+            "server.tls.cert and server.tls.key must be set together (or both left empty)",
+        )?;
+        if let Err(message) = crate::edge::trust::Trusted::parse(&self.server.trusted_proxies) {
+            return Err(ConfigError::Invalid {
+                key: "server.trusted_proxies",
+                message,
+            });
+        }
+        check(
+            self.server.proxy_protocol == ProxyProtocol::Off
+                || !self.server.trusted_proxies.is_empty(),
+            "server.trusted_proxies",
+            "must list the load balancers' addresses when server.proxy_protocol is not \"off\" \
+             (a header from any other peer is refused)",
+        )?;
+        check(
+            (100..=120_000).contains(&self.server.handshake_timeout_ms),
+            "server.handshake_timeout_ms",
+            "must be between 100 and 120000",
+        )?;
+        check(
             !self.auth.secret.is_empty(),
             "auth.secret",
             "must not be empty",
@@ -527,6 +594,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("room.batch_ms"), "{err}");
+    }
+
+    #[test]
+    fn edge_keys_are_checked() {
+        let err = Config::from_toml("[server.tls]\ncert = \"/c.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.tls.key"), "{err}");
+        let err = Config::from_toml("[server]\ntrusted_proxies = [\"10.0.0/8\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.trusted_proxies") && err.contains("10.0.0/8"),
+            "{err}"
+        );
+        let err = Config::from_toml("[server]\nproxy_protocol = \"required\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.trusted_proxies"), "{err}");
+        let err = Config::from_toml("[server]\nproxy_protocol = \"sometimes\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.proxy_protocol"), "{err}");
+        let cfg = Config::from_toml(
+            "[server]\nproxy_protocol = \"optional\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n\
+             [server.tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.server.proxy_protocol, ProxyProtocol::Optional);
+        assert!(cfg.server.tls.enabled());
     }
 
     #[test]

@@ -96,12 +96,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Everything checked before the upgrade, in the order PROTOCOL.md gives.
+///
+/// `peer` is the connection's client address (the edge has applied a trusted PROXY
+/// header); a trusted peer's `X-Forwarded-For` then names the client.
 async fn ws_upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
+    let client_ip = shared.trusted.client_ip(peer.ip(), &headers);
     if shared.drain.is_cancelled() {
         metrics::refused("draining");
         return Err(HttpError::new(
@@ -135,12 +140,13 @@ async fn ws_upgrade(
         None if shared.cfg.auth.allow_anonymous => None,
         None => return Err(HttpError::unauthorized("token required")),
     };
-    let ticket = shared.admission.admit(peer.ip()).map_err(|r| {
+    let ticket = shared.admission.admit(client_ip).map_err(|r| {
         let (status, reason) = match r {
             Refused::NodeFull => (StatusCode::SERVICE_UNAVAILABLE, "max_conns"),
             Refused::IpFull => (StatusCode::TOO_MANY_REQUESTS, "max_conns_per_ip"),
         };
         metrics::refused(reason);
+        tracing::debug!(client = %client_ip, reason, "upgrade refused");
         HttpError::new(
             status,
             if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -175,7 +181,7 @@ async fn ws_upgrade(
         format,
         room,
         ticket,
-        ip: peer.ip(),
+        ip: client_ip,
     };
     let sessions = shared.sessions.clone();
     Ok(upgrade.on_upgrade(move |ws| sessions.track_future(session::run(ws, shared, params))))

@@ -6,7 +6,8 @@
 //! frame per window, encoded once and shared. The wire contract is `PROTOCOL.md`.
 //!
 //! # Layout
-//! Follow a chat message: [`http`] upgrades the socket → [`session`] decodes the frame
+//! Follow a chat message: [`edge`] accepts the connection (TLS, the client's address from
+//! a PROXY header) → [`http`] upgrades the socket → [`session`] decodes the frame
 //! ([`protocol`]) and checks it → [`hub`] queues it on the room → the room's flusher
 //! batches the window → each shard holding members pushes the shared frame into their
 //! bounded queues → each [`session`] writes it.
@@ -16,6 +17,7 @@
 //! | [`config`] | `config.toml` + `GATEWAY_*` env → typed, validated [`config::Config`] |
 //! | [`protocol`] | frames, events, error and close codes, JSON/MessagePack codecs |
 //! | [`auth`] | HS256 JWT verification of client tokens |
+//! | [`edge`] | accepting: PROXY protocol, TLS (certificate reload), trusted proxies, `X-Forwarded-For` |
 //! | [`admission`] | per-node and per-IP connection caps, checked before the upgrade |
 //! | [`session`] | one connection: reads, writes, heartbeats, its rooms |
 //! | [`hub`] | rooms, flushers (batching, gift merging, chat budget) and shards (fan-out) |
@@ -34,6 +36,7 @@ pub mod admission;
 pub mod auth;
 pub mod backplane;
 pub mod config;
+pub mod edge;
 pub mod http;
 pub mod hub;
 pub mod metrics;

@@ -71,7 +71,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // TLS files and the trust list are configuration too: exit 2 like a bad value.
+            if e.downcast_ref::<server::ServerError>()
+                .is_some_and(server::ServerError::is_config)
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -42,6 +42,22 @@ pub const REDPACKETS_CREATED: &str = "danmaku_redpackets_created_total";
 pub const REDPACKET_GRABS: &str = "danmaku_redpacket_grabs_total";
 pub const REDPACKET_GRAB_SECONDS: &str = "danmaku_redpacket_grab_seconds";
 pub const JOURNAL_SYNCS: &str = "danmaku_journal_syncs_total";
+pub const EDGE_HANDSHAKES: &str = "danmaku_edge_handshakes_total";
+pub const EDGE_HANDSHAKE_SECONDS: &str = "danmaku_edge_handshake_seconds";
+pub const EDGE_HANDSHAKES_IN_FLIGHT: &str = "danmaku_edge_handshakes_in_flight";
+pub const TLS_CERT_RELOADS: &str = "danmaku_tls_cert_reloads_total";
+
+/// Every `outcome` of [`EDGE_HANDSHAKES`].
+const EDGE_OUTCOMES: [&str; 8] = [
+    "ok",
+    "closed",
+    "proxy_untrusted",
+    "proxy_missing",
+    "proxy_invalid",
+    "tls_error",
+    "timeout",
+    "io_error",
+];
 
 /// Why a connection ended, as the `code` label of [`CONNECTIONS_CLOSED`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +124,22 @@ pub fn grab(outcome: &'static str) {
 /// Counts a connection refused before the upgrade.
 pub fn refused(reason: &'static str) {
     counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+/// Counts a finished edge handshake (PROXY header and/or TLS) by outcome, and its time.
+pub fn edge_handshake(outcome: &'static str, took: std::time::Duration) {
+    counter!(EDGE_HANDSHAKES, "outcome" => outcome).increment(1);
+    histogram!(EDGE_HANDSHAKE_SECONDS).record(took.as_secs_f64());
+}
+
+/// Edge handshakes running right now.
+pub fn edge_handshakes_in_flight() -> Gauge {
+    gauge!(EDGE_HANDSHAKES_IN_FLIGHT)
+}
+
+/// Counts a TLS certificate reload attempt (`ok` or `error`).
+pub fn tls_cert_reload(result: &'static str) {
+    counter!(TLS_CERT_RELOADS, "result" => result).increment(1);
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -196,6 +228,15 @@ fn preregister() {
     for reason in ["draining", "max_conns", "max_conns_per_ip"] {
         counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(0);
     }
+    for outcome in EDGE_OUTCOMES {
+        counter!(EDGE_HANDSHAKES, "outcome" => outcome).increment(0);
+    }
+    for result in ["ok", "error"] {
+        counter!(TLS_CERT_RELOADS, "result" => result).increment(0);
+    }
+    gauge!(EDGE_HANDSHAKES_IN_FLIGHT).increment(0.0);
+    // Registered (rendered with empty buckets) so a dashboard sees the series from the start.
+    let _ = histogram!(EDGE_HANDSHAKE_SECONDS);
     for action in ["chat", "gift", "grab", "join"] {
         counter!(RATE_LIMITED, "action" => action).increment(0);
     }
@@ -243,6 +284,22 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Upgrade requests refused before the upgrade, by reason."
+    );
+    describe_counter!(
+        EDGE_HANDSHAKES,
+        "Connections through the edge (PROXY header and/or TLS), by outcome; all but ok are closed."
+    );
+    describe_histogram!(
+        EDGE_HANDSHAKE_SECONDS,
+        "Seconds from TCP accept to a finished PROXY header + TLS handshake (failed ones too)."
+    );
+    describe_gauge!(
+        EDGE_HANDSHAKES_IN_FLIGHT,
+        "Edge handshakes running now (accepting pauses at 1024)."
+    );
+    describe_counter!(
+        TLS_CERT_RELOADS,
+        "TLS certificate reloads (file change or SIGHUP), by result; on error the old one stays."
     );
     describe_gauge!(ROOMS, "Rooms with state on this node.");
     describe_gauge!(

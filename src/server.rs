@@ -2,7 +2,8 @@
 //! graceful drain when the shutdown future resolves.
 //!
 //! `run` takes the listener and the shutdown future (as mini-redis does) so tests bind
-//! port 0 and trigger the drain themselves.
+//! port 0 and trigger the drain themselves. With TLS or the PROXY protocol configured the
+//! listener is served through [`crate::edge`]; otherwise as a plain `TcpListener`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,6 +22,8 @@ use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{Backplane, Local};
 use crate::config::Config;
 use crate::config::{BackplaneKind, GiftConfig};
+use crate::edge::Edge;
+use crate::edge::trust::Trusted;
 use crate::hub::{ConnId, Hub};
 use crate::ratelimit::RateLimits;
 use crate::redis_link::RedisLink;
@@ -43,6 +46,16 @@ pub enum ServerError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// TLS files or the trust list: a configuration error naming its key.
+    #[error(transparent)]
+    Edge(#[from] crate::edge::EdgeError),
+}
+
+impl ServerError {
+    /// A configuration error (the binary exits 2 on those, as for an invalid config).
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Edge(_))
+    }
 }
 
 /// State every request handler and session shares.
@@ -56,6 +69,8 @@ pub struct Shared {
     pub redpackets: Arc<RedPackets>,
     /// The gift catalog by id.
     pub gifts: HashMap<String, GiftConfig>,
+    /// `server.trusted_proxies`: whose `X-Forwarded-For` is believed.
+    pub trusted: Trusted,
     /// Cancelled when the drain starts: `/readyz` turns 503, sessions schedule their close.
     pub drain: CancellationToken,
     /// Session tasks, so the drain can wait for them.
@@ -79,12 +94,14 @@ fn generate_node_id() -> String {
 /// with 1001 spread over `server.drain_s`, then everything stops and this returns.
 ///
 /// # Errors
-/// The listener failed.
+/// The listener failed, or the TLS files could not be loaded (checked first, before
+/// anything starts).
 pub async fn run(
     listener: TcpListener,
     cfg: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let edge = Edge::new(&cfg.server)?;
     let node: Arc<str> = if cfg.server.node_id.is_empty() {
         generate_node_id().into()
     } else {
@@ -151,7 +168,9 @@ pub async fn run(
         _ => RateLimits::new(&cfg.ratelimit),
     };
     ratelimits.start_sweeper(&stop, &tasks);
+    edge.watch_certificates(&stop, &tasks);
     let shared = Arc::new(Shared {
+        trusted: edge.trusted().clone(),
         ratelimits,
         redpackets,
         gifts: cfg
@@ -169,13 +188,29 @@ pub async fn run(
         prometheus,
         next_conn: AtomicU64::new(1),
     });
-    tracing::info!(addr = %listener.local_addr()?, node = %node, shards = shared.hub.shard_count(), "serving");
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        node = %node,
+        shards = shared.hub.shard_count(),
+        tls = edge.tls_enabled(),
+        proxy_protocol = ?shared.cfg.server.proxy_protocol,
+        "serving"
+    );
 
     let stop_http = CancellationToken::new();
     let app = http::router(Arc::clone(&shared)).into_make_service_with_connect_info::<SocketAddr>();
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(stop_http.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move { server.await });
+    let mut server = if edge.is_plain() {
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(stop_http.clone().cancelled_owned());
+        tokio::spawn(async move { server.await })
+    } else {
+        // `tap_io` is how a custom listener gets `ConnectInfo<SocketAddr>`: axum implements
+        // `Connected` for any `TapIo` whose address is a `SocketAddr` (here the client's).
+        let listener = axum::serve::ListenerExt::tap_io(edge.listen(listener)?, |_| {});
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(stop_http.clone().cancelled_owned());
+        tokio::spawn(async move { server.await })
+    };
 
     tokio::select! {
         res = &mut server => {

@@ -871,3 +871,313 @@ pub async fn until_linked(from: &mut Client, to: &mut Client, room: &str, tag: &
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Edge helpers (TLS, PROXY protocol, X-Forwarded-For) for tests/edge.rs. Append-only.
+
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+
+/// A private CA and a server certificate for `localhost` / 127.0.0.1 signed by it, as
+/// the PEM files `server.tls.cert` / `server.tls.key` name.
+pub struct TestPki {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// The CA that signed the current leaf: what a client trusts.
+    pub ca: CertificateDer<'static>,
+    /// The current leaf, as a client sees it in the handshake.
+    pub leaf: CertificateDer<'static>,
+    /// The current key, PEM (for writing mismatched pairs on purpose).
+    pub key_pem: String,
+}
+
+impl TestPki {
+    /// A fresh CA and leaf, written to a fresh directory.
+    pub fn new(tag: &str) -> Self {
+        let dir = temp_dir(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca, leaf, cert_pem, key_pem) = issue_cert();
+        let pki = TestPki {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            ca,
+            leaf,
+            key_pem: key_pem.clone(),
+        };
+        write_atomic(&pki.cert, cert_pem.as_bytes());
+        write_atomic(&pki.key, key_pem.as_bytes());
+        pki
+    }
+
+    /// Points `server.tls` at these files.
+    pub fn configure(&self, cfg: &mut Config) {
+        cfg.server.tls.cert = self.cert.clone();
+        cfg.server.tls.key = self.key.clone();
+    }
+
+    /// Issues a new CA and leaf and writes them over the files (key first, each file
+    /// replaced atomically, as cert-manager or certbot would).
+    pub fn renew(&mut self) {
+        let (ca, leaf, cert_pem, key_pem) = issue_cert();
+        write_atomic(&self.key, key_pem.as_bytes());
+        write_atomic(&self.cert, cert_pem.as_bytes());
+        self.ca = ca;
+        self.leaf = leaf;
+        self.key_pem = key_pem;
+    }
+}
+
+/// A new CA (its own key, a random serial) and a leaf for localhost/127.0.0.1 signed by
+/// it: (CA DER, leaf DER, leaf chain PEM, leaf key PEM).
+pub fn issue_cert() -> (
+    CertificateDer<'static>,
+    CertificateDer<'static>,
+    String,
+    String,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "danmaku test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    (
+        ca_cert.der().clone(),
+        leaf.der().clone(),
+        leaf.pem(),
+        leaf_key.serialize_pem(),
+    )
+}
+
+/// Writes `path` through a temporary file and a rename, so a reader never sees half.
+pub fn write_atomic(path: &std::path::Path, contents: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A rustls client trusting `roots`, offering ALPN h2 and http/1.1 (the server must
+/// pick http/1.1).
+pub fn tls_client(roots: &[&CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add((*r).clone()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+}
+
+pub type TlsClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Opens TCP to `addr` (from `local_ip` if given), writes `preamble` (a PROXY header, or
+/// nothing), then does the TLS handshake for `localhost`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    roots: &[&CertificateDer<'static>],
+    preamble: &[u8],
+    local_ip: Option<std::net::IpAddr>,
+) -> std::io::Result<TlsClientStream> {
+    let mut tcp = tcp_from(addr, local_ip).await?;
+    tcp.write_all(preamble).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(WAIT, tls_client(roots).connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
+}
+
+/// The leaf certificate the server presented.
+pub fn peer_leaf(s: &TlsClientStream) -> CertificateDer<'static> {
+    s.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+/// A TCP connection to `addr`, from `local_ip` if given (e.g. 127.0.0.2).
+pub async fn tcp_from(
+    addr: SocketAddr,
+    local_ip: Option<std::net::IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    if let Some(ip) = local_ip {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(addr).await
+}
+
+/// A WebSocket client over TLS (`wss://`), JSON frames.
+pub struct WssClient {
+    pub ws: WebSocketStream<TlsClientStream>,
+    pub hello: Value,
+}
+
+impl WssClient {
+    /// `wss://localhost/ws?query` over `tls`; consumes `hello`. The error is the HTTP
+    /// refusal.
+    pub async fn connect(
+        tls: TlsClientStream,
+        query: &str,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let url = format!(
+            "wss://localhost/ws{}{query}",
+            if query.is_empty() { "" } else { "?" }
+        );
+        let (ws, _) = tokio_tungstenite::client_async(url, tls).await?;
+        let mut c = WssClient {
+            ws,
+            hello: Value::Null,
+        };
+        let hello = c.recv().await;
+        assert_eq!(hello["op"], "hello", "{hello}");
+        c.hello = hello;
+        Ok(c)
+    }
+
+    pub async fn send(&mut self, op: Value) {
+        self.ws
+            .send(Message::Text(op.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// Next data frame; panics on close or timeout.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame")
+                .expect("stream ended")
+                .expect("socket error");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Close(c) => panic!("closed: {c:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends `op` with `ref`; returns the reply to it (batches skipped).
+    pub async fn call(&mut self, mut op: Value, reference: i64) -> Value {
+        op["ref"] = json!(reference);
+        self.send(op).await;
+        loop {
+            let v = self.recv().await;
+            if v["op"] != "batch" {
+                assert_eq!(v["ref"], json!(reference), "reply without our ref: {v}");
+                return v;
+            }
+        }
+    }
+}
+
+/// How [`Gateway::connect_edge`] opens a plain WebSocket.
+#[derive(Debug, Clone, Default)]
+pub struct EdgeOpts<'a> {
+    /// Local address to connect from (127.0.0.2 for another peer).
+    pub local_ip: Option<std::net::IpAddr>,
+    /// Bytes sent before the HTTP request: a PROXY header.
+    pub preamble: &'a [u8],
+    /// Extra request headers (X-Forwarded-For).
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+impl Gateway {
+    /// A WebSocket client (JSON) opened with `opts`; consumes `hello`. The error is the
+    /// HTTP refusal.
+    pub async fn connect_edge(
+        &self,
+        query: &str,
+        opts: &EdgeOpts<'_>,
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+        let mut tcp = tcp_from(self.addr, opts.local_ip).await?;
+        tcp.write_all(opts.preamble).await?;
+        let mut req = self.url(query).into_client_request()?;
+        for (k, v) in opts.headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp)).await?;
+        let mut c = Client {
+            ws,
+            msgpack: false,
+            hello: Value::Null,
+            protocol: None,
+        };
+        let hello = c.recv().await;
+        assert_eq!(hello["op"], "hello", "{hello}");
+        c.hello = hello;
+        Ok(c)
+    }
+}
+
+/// A PROXY protocol v1 header: `src` is the client the balancer saw.
+pub fn proxy_v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let fam = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {fam} {} {} {} {}\r\n",
+        src.ip(),
+        dst.ip(),
+        src.port(),
+        dst.port()
+    )
+    .into_bytes()
+}
+
+/// The PROXY protocol v2 signature.
+pub const PROXY_V2_SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// A PROXY protocol v2 `PROXY` header over TCP/IPv4 with `tlvs` (type, value) appended.
+/// Encoded here by hand, independently of the gateway's parser.
+pub fn proxy_v2(
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    tlvs: &[(u8, &[u8])],
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend(src.ip().octets());
+    body.extend(dst.ip().octets());
+    body.extend(src.port().to_be_bytes());
+    body.extend(dst.port().to_be_bytes());
+    for (t, v) in tlvs {
+        body.push(*t);
+        body.extend((v.len() as u16).to_be_bytes());
+        body.extend(*v);
+    }
+    let mut h = PROXY_V2_SIG.to_vec();
+    h.push(0x21); // version 2, PROXY
+    h.push(0x11); // AF_INET, STREAM
+    h.extend((body.len() as u16).to_be_bytes());
+    h.extend(body);
+    h
+}
+
+/// A PROXY protocol v2 `LOCAL` header (a balancer's own health check).
+pub fn proxy_v2_local() -> Vec<u8> {
+    let mut h = PROXY_V2_SIG.to_vec();
+    h.extend([0x20, 0x00, 0x00, 0x00]);
+    h
+}
+
+/// Asserts the server closes `s` without answering (EOF or reset), within `WAIT * 2`.
+pub async fn assert_closed(s: &mut (impl tokio::io::AsyncRead + Unpin), what: &str) {
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(WAIT * 2, s.read(&mut buf)).await {
+        Err(_) => panic!("{what}: still open"),
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("{what}: answered {:?}", String::from_utf8_lossy(&buf[..n])),
+    }
+}
