@@ -417,7 +417,7 @@ impl Default for RoomConfig {
             max_pending: 10_000,
             idle_ttl_s: 300,
             max_chat_per_s: 0,
-            max_grab_events: 50,
+            max_grab_events: 10,
         }
     }
 }
