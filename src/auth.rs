@@ -38,8 +38,12 @@ impl Auth {
     pub fn new(secret: &str) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
-        // A few seconds for clock skew between the issuer and this node.
-        validation.leeway = 5;
+        // PROTOCOL.md: an expired token is refused; the issuer sets `exp` with whatever
+        // margin it wants.
+        validation.leeway = 0;
+        // Tokens may carry more claims than ours (an `aud` included): only added fields,
+        // never a reason to refuse.
+        validation.validate_aud = false;
         Self {
             key: DecodingKey::from_secret(secret.as_bytes()),
             validation,

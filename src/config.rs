@@ -405,6 +405,12 @@ pub struct RoomConfig {
     /// but not broadcast (each grabber has its ack, the totals come in `redpacket_done`).
     /// 0 = unlimited.
     pub max_grab_events: u64,
+    /// Distinct client gift events (free gifts, after merging a user's repeats) per room
+    /// per window; beyond it a client's gift is refused with `rate_limited` until the
+    /// next window. Gifts may not be dropped for a slow consumer, so without this cap a
+    /// huge room spamming roses would send every member a multi-megabyte frame per
+    /// window. Paid gifts from the HTTP API are never refused. 0 = unlimited.
+    pub max_gift_events: u64,
 }
 
 impl Default for RoomConfig {
@@ -418,6 +424,7 @@ impl Default for RoomConfig {
             idle_ttl_s: 300,
             max_chat_per_s: 0,
             max_grab_events: 10,
+            max_gift_events: 200,
         }
     }
 }

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, RawQuery, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -37,6 +38,9 @@ const WS_READ_BUFFER: usize = 2048;
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 /// Hard cap of tungstenite's outgoing buffer; the outbound queue bounds frames before it.
 const WS_MAX_WRITE_BUFFER: usize = 1 << 20;
+/// Largest API request body. Events and red-packet requests are a few hundred bytes; a
+/// client frame may be 64 KiB, and a backend's event need not be larger.
+const API_MAX_BODY: usize = 64 * 1024;
 
 /// An HTTP error answer: status plus `{"code","message"}`.
 #[derive(Debug)]
@@ -74,12 +78,47 @@ impl IntoResponse for HttpError {
     }
 }
 
+/// A path parameter whose rejection is our JSON 400, not axum's plain text.
+struct ApiPath(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| ApiPath(p))
+            .map_err(|e| HttpError::bad_request(format!("path: {}", e.body_text())))
+    }
+}
+
+/// A request body whose rejections (too large: 413, unreadable: 400) are JSON.
+struct Body(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, HttpError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    HttpError::new(e.status(), "too_large", e.body_text())
+                } else {
+                    HttpError::bad_request(format!("body: {}", e.body_text()))
+                }
+            })
+    }
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/api/v1/rooms/{room}/events", post(post_event))
         .route("/api/v1/rooms/{room}", get(get_room))
         .route("/api/v1/rooms/{room}/redpackets", post(post_redpacket))
         .route("/api/v1/redpackets/{packet}", get(get_redpacket))
+        .layer(axum::extract::DefaultBodyLimit::max(API_MAX_BODY))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
             require_api_token,
@@ -92,6 +131,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .merge(api)
         .merge(crate::web::routes())
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|req: Request| async move {
+            HttpError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not allowed on {}", req.method(), req.uri().path()),
+            )
+        })
         .with_state(shared)
 }
 
@@ -159,23 +205,17 @@ async fn ws_upgrade(
     })?;
     let upgrade = upgrade
         .map_err(|e| HttpError::bad_request(format!("expected a WebSocket upgrade: {e}")))?;
+    let (format, subprotocol) = negotiate_format(format_param, &headers)?;
     let limit = shared.cfg.limits.max_frame_bytes;
-    let upgrade = upgrade
+    let mut upgrade = upgrade
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .max_message_size(limit)
-        .max_frame_size(limit)
-        .protocols([Format::SUBPROTOCOL_JSON, Format::SUBPROTOCOL_MSGPACK]);
-    // An explicit `format=` wins over the subprotocol.
-    let format = format_param
-        .or_else(|| {
-            upgrade
-                .selected_protocol()
-                .and_then(|p| p.to_str().ok())
-                .and_then(Format::from_subprotocol)
-        })
-        .unwrap_or(Format::Json);
+        .max_frame_size(limit);
+    if let Some(p) = subprotocol {
+        upgrade = upgrade.protocols([p]);
+    }
     let params = session::Params {
         user,
         format,
@@ -185,6 +225,40 @@ async fn ws_upgrade(
     };
     let sessions = shared.sessions.clone();
     Ok(upgrade.on_upgrade(move |ws| sessions.track_future(session::run(ws, shared, params))))
+}
+
+/// The frame format and the subprotocol to echo. The client's first `danmaku.v1.*`
+/// subprotocol picks the format unless `format=` is given; the echoed subprotocol always
+/// names the format actually spoken, so a `format=` the offered subprotocols contradict
+/// is refused rather than answered under a misleading name.
+///
+/// # Errors
+/// 400 when `format=` names a format none of the offered `danmaku.v1.*` subprotocols
+/// speaks.
+fn negotiate_format(
+    param: Option<Format>,
+    headers: &HeaderMap,
+) -> Result<(Format, Option<&'static str>), HttpError> {
+    let offered: Vec<Format> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|p| Format::from_subprotocol(p.trim()))
+        .collect();
+    let format = match (param, offered.first()) {
+        (Some(f), Some(_)) if !offered.contains(&f) => {
+            return Err(HttpError::bad_request(format!(
+                "format: {} contradicts Sec-WebSocket-Protocol, which offers only {}",
+                f.param(),
+                offered[0].subprotocol()
+            )));
+        }
+        (Some(f), _) => f,
+        (None, Some(&f)) => f,
+        (None, None) => Format::Json,
+    };
+    Ok((format, (!offered.is_empty()).then(|| format.subprotocol())))
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -236,7 +310,11 @@ async fn require_api_token(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| {
+            // The auth scheme is case-insensitive (RFC 9110 §11.1).
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
     match presented {
         Some(t) if constant_time_eq(t.as_bytes(), shared.cfg.api.token.as_bytes()) => {
             next.run(req).await
@@ -349,8 +427,8 @@ impl ApiEvent {
 
 async fn post_event(
     State(shared): State<Arc<Shared>>,
-    Path(room): Path<String>,
-    body: Bytes,
+    ApiPath(room): ApiPath,
+    Body(body): Body,
 ) -> Result<Response, HttpError> {
     let room = room_param(&room)?;
     let body = match ApiEvent::parse(&body)? {
@@ -394,7 +472,7 @@ async fn post_event(
 
 async fn get_room(
     State(shared): State<Arc<Shared>>,
-    Path(room): Path<String>,
+    ApiPath(room): ApiPath,
 ) -> Result<Response, HttpError> {
     let room = room_param(&room)?;
     // Fresh from the backplane: this node may hold no members of the room.
@@ -404,8 +482,8 @@ async fn get_room(
 
 async fn post_redpacket(
     State(shared): State<Arc<Shared>>,
-    Path(room): Path<String>,
-    body: Bytes,
+    ApiPath(room): ApiPath,
+    Body(body): Body,
 ) -> Result<Response, HttpError> {
     let room = room_param(&room)?;
     let req = parse_body::<CreateRequest>(&body)?;
@@ -424,7 +502,7 @@ async fn post_redpacket(
 
 async fn get_redpacket(
     State(shared): State<Arc<Shared>>,
-    Path(packet): Path<String>,
+    ApiPath(packet): ApiPath,
 ) -> Result<Response, HttpError> {
     match shared.redpackets.status(&packet).await {
         Ok(Some(status)) => Ok(axum::Json(status).into_response()),

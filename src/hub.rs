@@ -17,6 +17,11 @@
 //!   presence) or marks the connection to be closed with 4010.
 //! - Flushers wait on shards (bounded channels, backpressure), shards never wait on
 //!   anything but their own inbox, so there is no cycle to deadlock on.
+//! - **Joining** is done by the member's shard: it reads the history under the room lock
+//!   and remembers the room's batch sequence number at that instant, then skips batches
+//!   numbered at or below it. A batch flushed while the join was in flight is thus in
+//!   `joined.history` or in the member's first `batch`, never in both and never in
+//!   neither.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash};
@@ -138,6 +143,9 @@ impl Conn {
 /// One window of one room's events, encoded lazily once per format and shared.
 pub struct Batch {
     pub room: RoomId,
+    /// The room's batch number (1, 2, ...), against which joiners skip what their
+    /// `joined.history` already holds.
+    pub seq: u64,
     pub events: Vec<Arc<Event>>,
     /// True when every event may be dropped for a slow consumer.
     pub droppable: bool,
@@ -148,10 +156,11 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn new(room: RoomId, events: Vec<Arc<Event>>, accepted: Instant) -> Self {
+    pub fn new(room: RoomId, seq: u64, events: Vec<Arc<Event>>, accepted: Instant) -> Self {
         let droppable = events.iter().all(|e| e.body.droppable());
         Self {
             room,
+            seq,
             events,
             droppable,
             accepted,
@@ -213,6 +222,13 @@ struct RoomState {
     chat_in_window: u64,
     /// `grab` events in the current window (against `room.max_grab_events`).
     grabs_in_window: u64,
+    /// Client gift events in the current window (against `room.max_gift_events`).
+    gifts_in_window: u64,
+    /// Number of the last batch flushed (its events are in `history`).
+    flushed: u64,
+    /// Set by the idle sweep as it drops the room from the registry: a publisher that
+    /// found the room just before must retry on the live one, or its event is lost.
+    removed: bool,
 }
 
 /// What a successful join returns for the `joined` reply.
@@ -222,10 +238,12 @@ pub struct Joined {
 }
 
 enum ShardCmd {
+    /// Registers `conn` and answers the last `history` events of the room.
     Join {
-        room: RoomId,
+        room: Arc<Room>,
         conn: Arc<Conn>,
-        done: oneshot::Sender<()>,
+        history: usize,
+        done: oneshot::Sender<Vec<Arc<Event>>>,
     },
     Leave {
         room: RoomId,
@@ -325,6 +343,9 @@ impl Hub {
                     chat_window: Instant::now(),
                     chat_in_window: 0,
                     grabs_in_window: 0,
+                    gifts_in_window: 0,
+                    flushed: 0,
+                    removed: false,
                 }),
             })
         })
@@ -358,15 +379,19 @@ impl Hub {
         let (done, registered) = oneshot::channel();
         let sent = self.0.shards[shard]
             .send_async(ShardCmd::Join {
-                room: room.clone(),
+                room: Arc::clone(&r),
                 conn: Arc::clone(conn),
+                history,
                 done,
             })
             .await;
-        if sent.is_err() || registered.await.is_err() {
-            self.forget_member(&r, shard);
-            return Err(JoinError::ShuttingDown);
-        }
+        let history = match (sent, registered.await) {
+            (Ok(()), Ok(history)) => history,
+            _ => {
+                self.forget_member(&r, shard);
+                return Err(JoinError::ShuttingDown);
+            }
+        };
         metrics::hot().room_members.increment(1.0);
         if first {
             self.0.backplane.interest(room);
@@ -377,12 +402,10 @@ impl Hub {
         } else {
             self.0.backplane.remote_online(room)
         };
-        let mut st = r.state.lock().expect("room lock");
-        st.last_active = Instant::now();
-        let skip = st.history.len().saturating_sub(history);
+        r.state.lock().expect("room lock").last_active = Instant::now();
         Ok(Joined {
             online: r.online.load(Ordering::Acquire) + remote,
-            history: st.history.iter().skip(skip).cloned().collect(),
+            history,
         })
     }
 
@@ -416,8 +439,7 @@ impl Hub {
             return Vec::new();
         };
         let st = r.state.lock().expect("room lock");
-        let skip = st.history.len().saturating_sub(n);
-        st.history.iter().skip(skip).cloned().collect()
+        st.recent(n)
     }
 
     /// Local members of `room` on this node.
@@ -443,8 +465,35 @@ impl Hub {
     /// `room.max_pending` events is discarded, chat above `room.max_chat_per_s` is
     /// sampled out, and a user's repeated gift inside one window is merged — all counted.
     pub fn publish(&self, room: &RoomId, body: EventBody) -> String {
+        // Without the gift budget nothing refuses, so the error arm is never taken.
+        self.publish_inner(room, body, false).unwrap_or_default()
+    }
+
+    /// Publishes a client's free gift, within the room's per-window gift budget
+    /// (`room.max_gift_events`); a repeat of a gift the user already sent this window
+    /// merges and always fits.
+    ///
+    /// # Errors
+    /// The window's budget is spent: nothing was published; retry in `retry_after_ms`.
+    pub fn publish_client_gift(&self, room: &RoomId, body: EventBody) -> Result<String, u64> {
+        self.publish_inner(room, body, true)
+            .map_err(|r| r.retry_after_ms)
+    }
+
+    fn publish_inner(
+        &self,
+        room: &RoomId,
+        body: EventBody,
+        gift_budget: bool,
+    ) -> Result<String, Refused> {
         let r = Arc::clone(&self.room_or_create(room));
         let mut st = r.state.lock().expect("room lock");
+        if st.removed {
+            // The idle sweep dropped this room between our lookup and our lock; the next
+            // lookup finds (or creates) the live one.
+            drop(st);
+            return self.publish_inner(room, body, gift_budget);
+        }
         st.last_active = Instant::now();
         match &body {
             EventBody::Gift { user, gift, count } => {
@@ -457,7 +506,20 @@ impl Hub {
                     let id = merged.id.clone();
                     drop(st);
                     counter_inc(metrics::GIFTS_MERGED);
-                    return id;
+                    return Ok(id);
+                }
+                let cap = self.0.cfg.max_gift_events;
+                if gift_budget && cap > 0 {
+                    if st.gifts_in_window >= cap {
+                        // The window closes at most `batch_ms` after it started.
+                        let window = Duration::from_millis(self.0.cfg.batch_ms);
+                        let open = st.window_started.map_or(Duration::ZERO, |t| t.elapsed());
+                        let wait = window.saturating_sub(open).as_millis() as u64;
+                        return Err(Refused {
+                            retry_after_ms: wait.max(1),
+                        });
+                    }
+                    st.gifts_in_window += 1;
                 }
                 let index = st.pending.len();
                 st.gifts.insert(key, index);
@@ -470,7 +532,7 @@ impl Hub {
                 if st.chat_in_window >= self.0.cfg.max_chat_per_s {
                     drop(st);
                     counter_inc(metrics::CHAT_SAMPLED_OUT);
-                    return self.next_id();
+                    return Ok(self.next_id());
                 }
                 st.chat_in_window += 1;
             }
@@ -478,7 +540,7 @@ impl Hub {
                 if st.grabs_in_window >= self.0.cfg.max_grab_events {
                     drop(st);
                     counter_inc(metrics::GRAB_EVENTS_SAMPLED_OUT);
-                    return self.next_id();
+                    return Ok(self.next_id());
                 }
                 st.grabs_in_window += 1;
             }
@@ -494,21 +556,31 @@ impl Hub {
         if event.body.droppable() && st.pending.len() >= self.0.cfg.max_pending {
             drop(st);
             metrics::hot().events_dropped.increment(1);
-            return id;
+            return Ok(id);
         }
         st.pending.push(event);
         st.local.push(true);
         self.mark_dirty(&r, st);
         metrics::event(kind);
-        id
+        Ok(id)
     }
 
     /// Queues events that another node published (already merged and budgeted there).
     pub fn inject(&self, room: &RoomId, events: Vec<Event>) {
         let r = Arc::clone(&self.room_or_create(room));
         let mut st = r.state.lock().expect("room lock");
+        if st.removed {
+            drop(st);
+            return self.inject(room, events);
+        }
         st.last_active = Instant::now();
         for e in events {
+            // The same bound as local publishing: a stalled flusher must not let remote
+            // chat grow the window without limit.
+            if e.body.droppable() && st.pending.len() >= self.0.cfg.max_pending {
+                metrics::hot().events_dropped.increment(1);
+                continue;
+            }
             st.pending.push(e);
             st.local.push(false);
         }
@@ -569,12 +641,13 @@ impl Hub {
         let dirty = std::mem::take(&mut *self.0.dirty[index].lock().expect("dirty lock"));
         let hot = metrics::hot();
         for room in dirty {
-            let (events, accepted) = {
+            let (events, accepted, seq) = {
                 let mut st = room.state.lock().expect("room lock");
                 st.dirty = false;
                 let accepted = st.window_started.take().unwrap_or_else(Instant::now);
                 st.gifts.clear();
                 st.grabs_in_window = 0;
+                st.gifts_in_window = 0;
                 let events: Vec<Arc<Event>> = st.pending.drain(..).map(Arc::new).collect();
                 let local: Vec<Arc<Event>> = events
                     .iter()
@@ -595,14 +668,17 @@ impl Hub {
                         st.history.push_back(Arc::clone(e));
                     }
                 }
-                (events, accepted)
+                if !events.is_empty() {
+                    st.flushed += 1;
+                }
+                (events, accepted, st.flushed)
             };
             if events.is_empty() {
                 continue;
             }
             hot.batches.increment(1);
             hot.batch_events.record(events.len() as f64);
-            let batch = Arc::new(Batch::new(room.id.clone(), events, accepted));
+            let batch = Arc::new(Batch::new(room.id.clone(), seq, events, accepted));
             for (shard, members) in room.per_shard.iter().enumerate() {
                 if members.load(Ordering::Acquire) > 0 {
                     let _ = self.0.shards[shard]
@@ -634,19 +710,36 @@ impl Hub {
             }
             self.publish(&room, EventBody::Presence { online });
         }
-        let removed_before = self.0.rooms.len();
+        let mut removed = 0u64;
         self.0.rooms.retain(|_, r| {
             if r.owner != index || r.online.load(Ordering::Acquire) > 0 {
                 return true;
             }
-            let st = r.state.lock().expect("room lock");
-            st.dirty || !st.pending.is_empty() || st.last_active.elapsed() < idle_ttl
+            let mut st = r.state.lock().expect("room lock");
+            let keep = st.dirty || !st.pending.is_empty() || st.last_active.elapsed() < idle_ttl;
+            if !keep {
+                st.removed = true;
+                removed += 1;
+            }
+            keep
         });
-        let removed = removed_before.saturating_sub(self.0.rooms.len());
         if removed > 0 {
             metrics::hot().rooms.decrement(removed as f64);
         }
     }
+}
+
+impl RoomState {
+    /// The last `n` history events, oldest first.
+    fn recent(&self, n: usize) -> Vec<Arc<Event>> {
+        let skip = self.history.len().saturating_sub(n);
+        self.history.iter().skip(skip).cloned().collect()
+    }
+}
+
+/// A publish refused by a room budget: nothing was published.
+struct Refused {
+    retry_after_ms: u64,
 }
 
 fn counter_inc(name: &'static str) {
@@ -655,7 +748,9 @@ fn counter_inc(name: &'static str) {
 
 /// One shard: the local members of its connections, per room.
 async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: CancellationToken) {
-    let mut rooms: HashMap<RoomId, HashMap<ConnId, Arc<Conn>>> = HashMap::new();
+    // Per room, its members on this shard and, per member, the last batch number its
+    // `joined.history` held (batches up to it are skipped for that member).
+    let mut rooms: HashMap<RoomId, HashMap<ConnId, (Arc<Conn>, u64)>> = HashMap::new();
     let hot = metrics::hot();
     loop {
         let cmd = tokio::select! {
@@ -663,9 +758,23 @@ async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: CancellationToken)
             cmd = inbox.recv_async() => match cmd { Ok(c) => c, Err(_) => break },
         };
         match cmd {
-            ShardCmd::Join { room, conn, done } => {
-                rooms.entry(room).or_default().insert(conn.id, conn);
-                let _ = done.send(());
+            ShardCmd::Join {
+                room,
+                conn,
+                history,
+                done,
+            } => {
+                // Under the room lock, so no batch is flushed between reading the history
+                // and noting how far it goes.
+                let (recent, seq) = {
+                    let st = room.state.lock().expect("room lock");
+                    (st.recent(history), st.flushed)
+                };
+                rooms
+                    .entry(room.id.clone())
+                    .or_default()
+                    .insert(conn.id, (conn, seq));
+                let _ = done.send(recent);
             }
             ShardCmd::Leave { room, conn } => {
                 if let Some(members) = rooms.get_mut(&room) {
@@ -683,7 +792,10 @@ async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: CancellationToken)
                 let mut json: Option<&Message> = None;
                 let mut msgpack: Option<&Message> = None;
                 let (mut queued, mut dropped) = (0u64, 0u64);
-                for conn in members.values() {
+                for (conn, joined_at) in members.values() {
+                    if batch.seq <= *joined_at {
+                        continue;
+                    }
                     let slot = match conn.format {
                         Format::Json => &mut json,
                         Format::Msgpack => &mut msgpack,

@@ -87,7 +87,7 @@ pub struct Hot {
     pub broadcast_latency: Histogram,
     pub outbound_dropped: Counter,
     pub events_dropped: Counter,
-    closed: [Counter; 7],
+    closed: [Counter; 8],
     errors: [Counter; ErrorCode::ALL.len()],
 }
 
@@ -95,8 +95,8 @@ impl Hot {
     pub fn closed(&self, reason: CloseReason) -> &Counter {
         let i = match reason {
             CloseReason::Code(c) => CloseCode::ALL.iter().position(|x| *x == c).unwrap_or(0),
-            CloseReason::Peer => 5,
-            CloseReason::Error => 6,
+            CloseReason::Peer => 6,
+            CloseReason::Error => 7,
         };
         &self.closed[i]
     }
@@ -213,6 +213,7 @@ pub fn hot() -> &'static Hot {
                 closed_label("1009"),
                 closed_label("4000"),
                 closed_label("4010"),
+                closed_label("1007"),
                 closed_label("peer"),
                 closed_label("error"),
             ],

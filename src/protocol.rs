@@ -34,6 +34,14 @@ impl Format {
         }
     }
 
+    /// The `format` query parameter's value for this format.
+    pub fn param(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Msgpack => "msgpack",
+        }
+    }
+
     pub fn subprotocol(self) -> &'static str {
         match self {
             Format::Json => Self::SUBPROTOCOL_JSON,
@@ -204,15 +212,19 @@ pub enum CloseCode {
     Idle,
     /// 4010: outbound queue overflowed with events that may not be dropped.
     SlowConsumer,
+    /// 1007: a text frame that is not UTF-8. RFC 6455 (§8.1) makes the endpoint fail
+    /// the connection, so this is the one malformed frame that cannot get an `error`.
+    InvalidPayload,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 5] = [
+    pub const ALL: [CloseCode; 6] = [
         CloseCode::GoingAway,
         CloseCode::Policy,
         CloseCode::TooBig,
         CloseCode::Idle,
         CloseCode::SlowConsumer,
+        CloseCode::InvalidPayload,
     ];
 
     pub fn code(self) -> u16 {
@@ -222,6 +234,7 @@ impl CloseCode {
             CloseCode::TooBig => 1009,
             CloseCode::Idle => 4000,
             CloseCode::SlowConsumer => 4010,
+            CloseCode::InvalidPayload => 1007,
         }
     }
 
@@ -232,6 +245,7 @@ impl CloseCode {
             CloseCode::TooBig => "frame too large",
             CloseCode::Idle => "idle",
             CloseCode::SlowConsumer => "slow consumer",
+            CloseCode::InvalidPayload => "text frame is not UTF-8",
         }
     }
 

@@ -7,6 +7,14 @@
 //! split lock); the price is that a reply waits behind a batch write, which is what we
 //! want anyway (a client that does not read should not get its writes serviced).
 //!
+//! An op that waits (a grab's fsync or Redis script, a join's shard round trip, a
+//! cluster rate-limit check) runs inside [`pump`], which keeps writing the outbound
+//! queue meanwhile: otherwise a healthy client waiting on its grab in a red-packet rush
+//! would see its queue fill with undroppable `grab` batches and be closed with 4010.
+//! No further frame is read until the op is answered (ops of one connection stay in
+//! order), and an op, once started, always runs to its end (a join or grab abandoned
+//! halfway would leave a membership or an in-flight slot behind).
+//!
 //! Every write races the kill switch and a timeout (2 × heartbeat): a socket that
 //! accepts nothing for that long is dead, whatever TCP thinks.
 
@@ -132,8 +140,14 @@ impl Session {
         .encode(self.conn.format);
         drop(conn_label);
         self.write(ws, hello).await?;
+        let conn = Arc::clone(&self.conn);
+        let out = Out {
+            conn: &conn,
+            heartbeat: self.heartbeat,
+            queue: outbound,
+        };
         if let Some(room) = room {
-            let reply = self.join(room, 0).await;
+            let reply = out.pump(ws, self.join(room, 0)).await?;
             self.reply(ws, reply, None).await?;
         }
 
@@ -163,8 +177,8 @@ impl Session {
                     let Some(msg) = msg else { return Ok(()) };
                     self.last_seen = Instant::now();
                     match msg {
-                        Ok(Message::Text(t)) => self.on_frame(ws, t.as_bytes(), false).await?,
-                        Ok(Message::Binary(b)) => self.on_frame(ws, &b, true).await?,
+                        Ok(Message::Text(t)) => self.on_frame(ws, &out, t.as_bytes(), false).await?,
+                        Ok(Message::Binary(b)) => self.on_frame(ws, &out, &b, true).await?,
                         Ok(Message::Ping(_) | Message::Pong(_)) => {}
                         Ok(Message::Close(_)) => return Ok(()),
                         Err(e) => return Err(read_error(e)),
@@ -172,7 +186,7 @@ impl Session {
                 }
                 first = outbound.recv_async() => {
                     let Ok(first) = first else { return Err(End::Error) };
-                    self.write_queued(ws, first, outbound).await?;
+                    out.write_queued(ws, first).await?;
                 }
                 _ = &mut idle => {
                     let deadline = self.last_seen + 2 * self.heartbeat;
@@ -187,7 +201,13 @@ impl Session {
     }
 
     /// Decodes and answers one data frame.
-    async fn on_frame(&mut self, ws: &mut WebSocket, data: &[u8], binary: bool) -> Result<(), End> {
+    async fn on_frame(
+        &mut self,
+        ws: &mut WebSocket,
+        out: &Out<'_>,
+        data: &[u8],
+        binary: bool,
+    ) -> Result<(), End> {
         let hot = metrics::hot();
         hot.frames_in.increment(1);
         hot.bytes_in.increment(data.len() as u64);
@@ -205,14 +225,21 @@ impl Session {
         self.bad_frames = 0;
         let reference = frame.reference;
         let reply = match frame.op {
+            ClientOp::Ping => Ok(Reply::Pong),
+            op => out.pump(ws, self.dispatch(op)).await?,
+        };
+        self.reply(ws, reply, reference).await
+    }
+
+    async fn dispatch(&mut self, op: ClientOp) -> Result<Reply, ProtoError> {
+        match op {
             ClientOp::Join { room, history } => self.join(room, history).await,
             ClientOp::Leave { room } => self.leave(room).await,
             ClientOp::Chat { room, text } => self.chat(room, text).await,
             ClientOp::Gift { room, gift, count } => self.gift(room, gift, count).await,
             ClientOp::Grab { room, packet } => self.grab(room, packet).await,
             ClientOp::Ping => Ok(Reply::Pong),
-        };
-        self.reply(ws, reply, reference).await
+        }
     }
 
     async fn join(&mut self, room: RoomId, history: usize) -> Result<Reply, ProtoError> {
@@ -287,15 +314,22 @@ impl Session {
             ));
         }
         self.limit(Action::Gift).await?;
-        self.shared.hub.publish(
-            &room,
-            protocol::EventBody::Gift {
-                user,
-                gift,
-                count: u64::from(count),
-            },
-        );
-        Ok(Reply::Ack)
+        let gift = protocol::EventBody::Gift {
+            user,
+            gift,
+            count: u64::from(count),
+        };
+        match self.shared.hub.publish_client_gift(&room, gift) {
+            Ok(_) => Ok(Reply::Ack),
+            Err(retry_after_ms) => {
+                metrics::rate_limited("gift");
+                Err(ProtoError {
+                    code: ErrorCode::RateLimited,
+                    message: format!("room {room} has its fill of gifts for this moment"),
+                    retry_after_ms: Some(retry_after_ms),
+                })
+            }
+        }
     }
 
     async fn grab(&mut self, room: RoomId, packet: String) -> Result<Reply, ProtoError> {
@@ -394,31 +428,56 @@ impl Session {
 
     /// Writes one frame, racing the kill switch and the write timeout.
     async fn write(&self, ws: &mut WebSocket, msg: Message) -> Result<(), End> {
-        let len = payload_len(&msg);
-        self.guarded(ws.send(msg)).await?;
-        let hot = metrics::hot();
-        hot.frames_out.increment(1);
-        hot.bytes_out.increment(len);
-        Ok(())
+        write_one(ws, &self.conn, self.heartbeat, msg).await
+    }
+}
+
+/// What writing the outbound queue needs, apart from the session's own state, so an op
+/// can hold `&mut Session` while the queue keeps flowing.
+struct Out<'a> {
+    conn: &'a Conn,
+    heartbeat: Duration,
+    queue: &'a flume::Receiver<Outbound>,
+}
+
+impl Out<'_> {
+    /// Runs `op` to its end while writing whatever the shards queue meanwhile.
+    ///
+    /// # Errors
+    /// The end the connection met while `op` ran (a kill, a failed write), reported
+    /// only once `op` has finished: an op is never abandoned halfway.
+    async fn pump<F: Future>(&self, ws: &mut WebSocket, op: F) -> Result<F::Output, End> {
+        tokio::pin!(op);
+        let end = loop {
+            tokio::select! {
+                biased;
+                out = &mut op => return Ok(out),
+                code = self.conn.killed() => break End::Close(code),
+                first = self.queue.recv_async() => {
+                    let Ok(first) = first else { break End::Error };
+                    if let Err(end) = self.write_queued(ws, first).await {
+                        break end;
+                    }
+                }
+            }
+        };
+        op.await;
+        Err(end)
     }
 
-    /// Writes `first` and whatever else is queued (up to a cap) with one flush.
     /// Writes `first` and whatever else is queued (up to a cap) with one flush, and
     /// observes the end-to-end latency of the oldest frame written (one observation per
     /// flush keeps the hot path cheap and errs on the slow side).
-    async fn write_queued(
-        &self,
-        ws: &mut WebSocket,
-        first: Outbound,
-        outbound: &flume::Receiver<Outbound>,
-    ) -> Result<(), End> {
+    async fn write_queued(&self, ws: &mut WebSocket, first: Outbound) -> Result<(), End> {
         let mut frames = 1u64;
         let mut bytes = payload_len(&first.msg);
         let oldest = first.accepted;
-        self.guarded(async {
+        guarded(self.conn, self.heartbeat, async {
             ws.feed(first.msg).await?;
             while (frames as usize) < MAX_FRAMES_PER_FLUSH {
-                let Ok(next) = outbound.try_recv() else { break };
+                let Ok(next) = self.queue.try_recv() else {
+                    break;
+                };
                 bytes += payload_len(&next.msg);
                 frames += 1;
                 ws.feed(next.msg).await?;
@@ -432,18 +491,35 @@ impl Session {
         hot.broadcast_latency.record(oldest.elapsed().as_secs_f64());
         Ok(())
     }
+}
 
-    async fn guarded<F>(&self, write: F) -> Result<(), End>
-    where
-        F: Future<Output = Result<(), axum::Error>>,
-    {
-        tokio::select! {
-            res = tokio::time::timeout(2 * self.heartbeat, write) => match res {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) | Err(_) => Err(End::Error),
-            },
-            code = self.conn.killed() => Err(End::Close(code)),
-        }
+/// Writes one frame, racing the kill switch and the write timeout.
+async fn write_one(
+    ws: &mut WebSocket,
+    conn: &Conn,
+    heartbeat: Duration,
+    msg: Message,
+) -> Result<(), End> {
+    let len = payload_len(&msg);
+    guarded(conn, heartbeat, ws.send(msg)).await?;
+    let hot = metrics::hot();
+    hot.frames_out.increment(1);
+    hot.bytes_out.increment(len);
+    Ok(())
+}
+
+/// A write that gives up when the connection is killed or nothing moves for
+/// 2 × heartbeat (a socket that accepts nothing that long is dead, whatever TCP thinks).
+async fn guarded<F>(conn: &Conn, heartbeat: Duration, write: F) -> Result<(), End>
+where
+    F: Future<Output = Result<(), axum::Error>>,
+{
+    tokio::select! {
+        res = tokio::time::timeout(2 * heartbeat, write) => match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(End::Error),
+        },
+        code = conn.killed() => Err(End::Close(code)),
     }
 }
 
@@ -473,10 +549,12 @@ fn payload_len(msg: &Message) -> u64 {
     }
 }
 
-/// A read error: an over-long message means close 1009; anything else ends the socket.
+/// A read error: an over-long message means close 1009, a text frame that is not UTF-8
+/// close 1007; anything else ends the socket.
 fn read_error(e: axum::Error) -> End {
     match e.into_inner().downcast::<tungstenite::Error>() {
         Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => End::Close(CloseCode::TooBig),
+        Ok(e) if matches!(*e, tungstenite::Error::Utf8(_)) => End::Close(CloseCode::InvalidPayload),
         Ok(e)
             if matches!(
                 *e,
