@@ -8,6 +8,10 @@
 //! it drops the connection and reconnects with jittered exponential backoff, counting
 //! reconnects. The pub/sub subscriber connection is separate (owned by the backplane),
 //! built with [`connect`] and a push sender.
+//!
+//! Every reconnect, the first one included, waits a random time first ([`backoff`], full
+//! jitter): a Redis restart cuts every node at the same instant, and without jitter they
+//! would all reconnect (and re-subscribe) in the same millisecond.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +34,10 @@ pub const UP: &str = "danmaku_redis_up";
 /// Bound on connecting and on any one command, so an outage never hangs a caller.
 const TIMEOUT: Duration = Duration::from_secs(2);
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Shortest wait before a reconnect: even the luckiest node leaves Redis a moment.
+const BACKOFF_FLOOR: Duration = Duration::from_millis(10);
+/// Ceiling of the first wait; it doubles per failed attempt up to [`BACKOFF_MAX`].
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// One connection, to a single server or to a cluster; cheap to clone (multiplexed).
@@ -156,14 +163,16 @@ fn timeout_error() -> redis::RedisError {
     ))
 }
 
-/// Jittered exponential backoff: full jitter over `[min, min·2^attempt]`, capped.
+/// Jittered exponential backoff, full jitter: uniform over
+/// `[BACKOFF_FLOOR, min(BACKOFF_BASE · 2^attempt, BACKOFF_MAX)]`, so nodes cut off
+/// together spread their reconnects over the whole window instead of retrying in step.
 pub fn backoff(attempt: u32) -> Duration {
-    let ceiling = BACKOFF_MIN
+    let ceiling = BACKOFF_BASE
         .saturating_mul(1u32 << attempt.min(10))
-        .min(BACKOFF_MAX);
-    let ms = ceiling.as_millis() as u64;
+        .min(BACKOFF_MAX)
+        .max(BACKOFF_FLOOR);
     Duration::from_millis(rand::random_range(
-        BACKOFF_MIN.as_millis() as u64..=ms.max(BACKOFF_MIN.as_millis() as u64),
+        BACKOFF_FLOOR.as_millis() as u64..=ceiling.as_millis() as u64,
     ))
 }
 
@@ -229,6 +238,7 @@ impl RedisLink {
     }
 
     async fn supervise(self: std::sync::Arc<Self>, cancel: CancellationToken) {
+        // 0 only before the very first connection: a starting node connects at once.
         let mut attempt = 0u32;
         loop {
             if self.conn().is_none() {
@@ -251,9 +261,8 @@ impl RedisLink {
                         }
                         let wait = backoff(attempt);
                         attempt = attempt.saturating_add(1);
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(wait) => {}
+                        if !pause(wait, &cancel).await {
+                            return;
                         }
                         continue;
                     }
@@ -272,9 +281,23 @@ impl RedisLink {
             if let Err(e) = ping {
                 tracing::warn!(error = %e, "redis command connection lost");
                 self.set(None);
+                // Every node loses Redis at the same instant (a restart, a failover):
+                // wait a jittered moment before the first reconnect too, so they do not
+                // all come back in the same millisecond.
+                if !pause(backoff(0), &cancel).await {
+                    return;
+                }
                 attempt = 1;
             }
         }
+    }
+}
+
+/// Sleeps `wait`; `false` when the node stops meanwhile.
+async fn pause(wait: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
     }
 }
 
@@ -285,5 +308,136 @@ struct NoPush;
 impl AsyncPushSender for NoPush {
     fn send(&self, _: redis::PushInfo) -> Result<(), redis::aio::SendError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Instant;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::mpsc;
+
+    #[test]
+    fn backoff_is_fully_jittered_within_bounds() {
+        for attempt in [0u32, 1, 3, 20] {
+            let ceiling = BACKOFF_BASE
+                .saturating_mul(1u32 << attempt.min(10))
+                .min(BACKOFF_MAX);
+            let samples: Vec<Duration> = (0..2000).map(|_| backoff(attempt)).collect();
+            assert!(samples.iter().all(|d| *d >= BACKOFF_FLOOR && *d <= ceiling));
+            // Spread over the whole window (the chance of missing a quarter in 2000
+            // uniform draws is 0.75^2000): nodes cut off together come back apart.
+            let quarter = (ceiling - BACKOFF_FLOOR) / 4;
+            assert!(
+                samples.iter().any(|d| *d < BACKOFF_FLOOR + quarter),
+                "attempt {attempt}: nothing in the lowest quarter"
+            );
+            assert!(
+                samples.iter().any(|d| *d > ceiling - quarter),
+                "attempt {attempt}: nothing in the highest quarter"
+            );
+        }
+    }
+
+    /// Reads one RESP command (an array of bulk strings); `None` at EOF.
+    async fn read_command(r: &mut BufReader<TcpStream>) -> Option<Vec<String>> {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let n: usize = line.trim().strip_prefix('*')?.parse().ok()?;
+        let mut args = Vec::with_capacity(n);
+        for _ in 0..n {
+            line.clear();
+            r.read_line(&mut line).await.ok()?;
+            let len: usize = line.trim().strip_prefix('$')?.parse().ok()?;
+            let mut buf = vec![0u8; len + 2];
+            r.read_exact(&mut buf).await.ok()?;
+            buf.truncate(len);
+            args.push(String::from_utf8_lossy(&buf).into_owned());
+        }
+        Some(args)
+    }
+
+    /// A stand-in for Redis speaking just enough RESP3 for the link (HELLO, CLIENT,
+    /// PING); answers a PING with an error when `fail` is set, telling `failed` when.
+    async fn fake_redis(
+        stream: TcpStream,
+        fail: Arc<AtomicBool>,
+        failed: mpsc::UnboundedSender<Instant>,
+    ) {
+        let mut r = BufReader::new(stream);
+        while let Some(cmd) = read_command(&mut r).await {
+            let reply: &[u8] = match cmd.first().map(|c| c.to_ascii_uppercase()).as_deref() {
+                Some("HELLO") => b"%1\r\n+server\r\n+fake\r\n",
+                Some("PING") if fail.swap(false, Ordering::AcqRel) => {
+                    let _ = failed.send(Instant::now());
+                    b"-ERR injected failure\r\n"
+                }
+                Some("PING") => b"+PONG\r\n",
+                _ => b"+OK\r\n",
+            };
+            if r.get_mut().write_all(reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lost_command_connection_waits_before_reconnecting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let fail = Arc::new(AtomicBool::new(false));
+        let (failed_tx, mut failed_rx) = mpsc::unbounded_channel();
+        let (accepted_tx, mut accepted_rx) = mpsc::unbounded_channel();
+        let server_fail = Arc::clone(&fail);
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = accepted_tx.send(Instant::now());
+                tokio::spawn(fake_redis(
+                    stream,
+                    Arc::clone(&server_fail),
+                    failed_tx.clone(),
+                ));
+            }
+        });
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let cfg = RedisConfig {
+            url: format!("redis://127.0.0.1:{port}"),
+            ..RedisConfig::default()
+        };
+        let link = RedisLink::start(cfg, &cancel, &tracker);
+        let limit = Duration::from_secs(5);
+        assert!(link.wait_up(limit).await, "never connected");
+        tokio::time::timeout(limit, accepted_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        for round in 0..5 {
+            fail.store(true, Ordering::Release);
+            link.report_failure();
+            let failed_at = tokio::time::timeout(limit, failed_rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            let reconnected_at = tokio::time::timeout(limit, accepted_rx.recv())
+                .await
+                .expect("no reconnect")
+                .unwrap();
+            let gap = reconnected_at.duration_since(failed_at);
+            assert!(
+                gap >= BACKOFF_FLOOR,
+                "round {round}: reconnected {gap:?} after the failure, without a jittered wait"
+            );
+            assert!(link.wait_up(limit).await, "round {round}: not up again");
+        }
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+        server.abort();
     }
 }

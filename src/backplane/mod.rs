@@ -3,7 +3,9 @@
 //!
 //! The contract ([`Backplane`]): publishing is fire-and-forget and at-most-once (a node
 //! that is down or cut off misses events; chat is ephemeral and red-packet state lives
-//! in the store, not in the stream), per-origin order is kept, a node never receives its
+//! in the store, not in the stream), and never late: a window that could not be sent
+//! within a few seconds (the backplane was down) is dropped, not replayed to viewers
+//! who have moved on. Per-origin order is kept, a node never receives its
 //! own events back, and a node receives a room's events only while it holds members of
 //! that room. Publishing happens once per room per batch window per node (the hub calls
 //! [`Backplane::publish`] from its flusher with the window's local events), never once
@@ -33,7 +35,9 @@ pub trait Backplane: Send + Sync {
     /// The local membership of `room` changed between zero and non-zero: subscribe or
     /// unsubscribe accordingly (the implementation re-reads the current state).
     fn interest(&self, room: &RoomId);
-    /// Members of `room` on the other live nodes, as last synchronised.
+    /// Members of `room` on the other live nodes, as last synchronised; 0 once the last
+    /// synchronisation is older than a node is presumed alive (the others' counts can no
+    /// longer be told from a dead node's).
     fn remote_online(&self, room: &RoomId) -> u64;
     /// Members of `room` on the other live nodes, read fresh (for the HTTP API, which may
     /// ask about a room this node holds no members of).

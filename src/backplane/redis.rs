@@ -4,22 +4,34 @@
 //! Three tasks, each with one job:
 //! - the **publisher** drains a bounded queue of envelopes (one per room per window)
 //!   and sends them in pipelines on the shared command connection; while Redis is
-//!   down the queue fills and further envelopes are dropped and counted;
+//!   down the queue fills and further envelopes are dropped and counted, and envelopes
+//!   queued more than [`STALE_AFTER`] ago are dropped (counted) rather than sent: after
+//!   an outage a viewer wants the room as it is now, not a minute-old replay;
 //! - the **subscriber** owns a separate RESP3 connection whose pushes land in a bounded
 //!   channel; it SUBSCRIBEs a room's channel when the room gets its first local member
 //!   and UNSUBSCRIBEs when it loses its last (re-reading the hub, so racing hints
 //!   cannot leave it wrong), drops its own node's envelopes, injects the rest into the
 //!   hub, and after a disconnect reconnects with jittered backoff and re-subscribes
-//!   every room it holds;
+//!   every room it holds. An unsubscribe it did not ask for (a cluster moving a slot
+//!   sends SUNSUBSCRIBE for the slot's shard channels) is answered by subscribing again
+//!   where the channel lives now;
 //! - the **presence** task writes this node's per-room counts to
-//!   `danmaku:presence:{room}` (a hash, field = node) and a heartbeat to the
+//!   `danmaku:presence:{room}` (a hash, field = incarnation) and a heartbeat to the
 //!   `danmaku:nodes` sorted set, then sums the other live nodes' counts; a node whose
-//!   heartbeat is older than `presence.node_ttl_s` no longer counts.
+//!   heartbeat is older than `presence.node_ttl_s` no longer counts, its fields are
+//!   deleted, and when this node itself has not synced for that long it forgets the
+//!   other nodes' counts (it can no longer tell who is alive).
+//!
+//! Presence is keyed by *incarnation* (`{node}#{start ms}.{random}`), not by node id:
+//! with a fixed `server.node_id`, a node that crashes and restarts is live again under
+//! the same id, and fields written by its previous life (for rooms it no longer holds)
+//! would otherwise be summed for ever. Of the live incarnations of one node id only the
+//! newest counts; older ones stop heartbeating and are deleted after the TTL.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -32,7 +44,7 @@ use super::{Backplane, DROPPED, ERRORS, LAG, PUBLISHED, RECEIVED, SUBSCRIPTIONS}
 use crate::config::{PresenceConfig, RedisConfig};
 use crate::hub::Hub;
 use crate::protocol::{Event, RoomId, now_ms};
-use crate::redis_link::{self, RECONNECTS, RedisLink};
+use crate::redis_link::{self, Conn, RECONNECTS, RedisLink};
 
 /// Pub/sub pushes buffered between the connection and the subscriber task.
 const INBOX: usize = 16_384;
@@ -40,11 +52,20 @@ const INBOX: usize = 16_384;
 const PIPELINE: usize = 256;
 /// A full re-check of subscriptions against the hub, in case a hint was lost.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+/// Envelopes queued longer ago than this are dropped instead of published: live chat
+/// minutes late (replayed after an outage) is worse than chat missed.
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+/// Bound on the dead incarnations' presence fields deleted per sync, so a node coming
+/// back to a Redis full of leftovers does not stall its sync; the rest go next time.
+const STALE_FIELDS_PER_SYNC: usize = 512;
+/// Separates the node id from the incarnation suffix in presence fields and heartbeats.
+const INCARNATION_SEP: char = '#';
 
 pub const NODES_KEY: &str = "danmaku:nodes";
+const CHANNEL_PREFIX: &str = "danmaku:room:";
 
 pub fn channel(room: &RoomId) -> String {
-    format!("danmaku:room:{room}")
+    format!("{CHANNEL_PREFIX}{room}")
 }
 
 pub fn presence_key(room: &RoomId) -> String {
@@ -71,20 +92,107 @@ struct EnvelopeOut<'a> {
     events: &'a [Arc<Event>],
 }
 
+/// An envelope waiting for the publisher.
+struct Outgoing {
+    channel: String,
+    payload: Bytes,
+    queued: Instant,
+}
+
+/// This process's name in presence: the node id, its start time and a random part, so
+/// a restarted node (same id) is told apart from its previous life.
+fn incarnation(node: &str) -> String {
+    format!(
+        "{node}{INCARNATION_SEP}{}.{:08x}",
+        now_ms(),
+        rand::random::<u32>()
+    )
+}
+
+/// The node id and start time (unix ms) of a presence field or heartbeat member. A
+/// plain node id (written by a gateway before incarnations) starts at 0.
+fn parse_incarnation(member: &str) -> (&str, u64) {
+    member
+        .rsplit_once(INCARNATION_SEP)
+        .and_then(|(node, rest)| {
+            let (started, _) = rest.split_once('.')?;
+            Some((node, started.parse().ok()?))
+        })
+        .unwrap_or((member, 0))
+}
+
+/// The incarnations whose heartbeat is younger than the node TTL.
+struct Live {
+    members: HashSet<String>,
+    /// Per node id, the start time of its newest live incarnation: the only one that
+    /// counts (an older one is a previous life that has not timed out yet).
+    newest: HashMap<String, u64>,
+}
+
+impl Live {
+    fn new(members: Vec<String>) -> Self {
+        let mut newest: HashMap<String, u64> = HashMap::new();
+        for m in &members {
+            let (node, started) = parse_incarnation(m);
+            let e = newest.entry(node.to_string()).or_insert(started);
+            *e = (*e).max(started);
+        }
+        Self {
+            members: members.into_iter().collect(),
+            newest,
+        }
+    }
+
+    /// Distinct live node ids.
+    fn nodes(&self) -> usize {
+        self.newest.len()
+    }
+
+    fn is_live(&self, field: &str) -> bool {
+        self.members.contains(field)
+    }
+
+    /// Members on nodes other than `me`, from a room's presence hash.
+    fn others(&self, fields: &HashMap<String, u64>, me: &str) -> u64 {
+        fields
+            .iter()
+            .filter(|(field, _)| {
+                let (node, started) = parse_incarnation(field);
+                node != me && self.is_live(field) && self.newest.get(node) == Some(&started)
+            })
+            .map(|(_, n)| *n)
+            .sum()
+    }
+}
+
+/// What the presence task carries from one sync to the next.
+#[derive(Default)]
+struct PresenceState {
+    /// Rooms whose field we wrote and have not yet deleted (successfully).
+    reported: HashSet<RoomId>,
+    /// Fields (presence key, field) of incarnations that were not live at the last
+    /// sync: deleted at the next one if still not live. Deciding on a heartbeat read
+    /// *after* the hash read means a node that started in between is never mistaken
+    /// for a dead one.
+    stale: HashMap<String, Vec<String>>,
+}
+
 pub struct RedisBackplane {
     node: Arc<str>,
+    /// This process's presence field and heartbeat member (see [`incarnation`]).
+    incarnation: String,
     cfg: RedisConfig,
     presence_cfg: PresenceConfig,
     link: Arc<RedisLink>,
-    outbox: flume::Sender<(String, Bytes)>,
-    outbox_rx: flume::Receiver<(String, Bytes)>,
+    outbox: flume::Sender<Outgoing>,
+    outbox_rx: flume::Receiver<Outgoing>,
     interest: flume::Sender<RoomId>,
     interest_rx: flume::Receiver<RoomId>,
     /// Members on other live nodes per room, refreshed by the presence task.
     remote: DashMap<RoomId, u64>,
     subscribed_up: AtomicBool,
     /// Live nodes (this one included) at the last presence sync.
-    live_nodes: std::sync::atomic::AtomicUsize,
+    live_nodes: AtomicUsize,
 }
 
 impl RedisBackplane {
@@ -97,6 +205,7 @@ impl RedisBackplane {
         let (outbox, outbox_rx) = flume::bounded(cfg.publish_queue);
         let (interest, interest_rx) = flume::bounded(65_536);
         Arc::new(Self {
+            incarnation: incarnation(&node),
             node,
             cfg,
             presence_cfg,
@@ -107,7 +216,7 @@ impl RedisBackplane {
             interest_rx,
             remote: DashMap::new(),
             subscribed_up: AtomicBool::new(false),
-            live_nodes: std::sync::atomic::AtomicUsize::new(1),
+            live_nodes: AtomicUsize::new(1),
         })
     }
 
@@ -124,20 +233,17 @@ impl RedisBackplane {
     }
 
     async fn publisher(self: Arc<Self>, cancel: CancellationToken) {
-        let mut batch = Vec::with_capacity(PIPELINE);
+        let mut batch: Vec<Outgoing> = Vec::with_capacity(PIPELINE);
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return,
                 m = self.outbox_rx.recv_async() => match m { Ok(m) => m, Err(_) => return },
             };
             batch.push(first);
-            while batch.len() < PIPELINE {
-                match self.outbox_rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            // Wait for the link rather than drop: the queue behind us is the bound.
+            self.refill(&mut batch);
+            // Wait for the link rather than drop: the queue behind us is the bound. While
+            // waiting, keep discarding what went stale, so the queue keeps room for the
+            // latest windows (the ones still worth sending when Redis is back).
             let mut conn = loop {
                 if let Some(c) = self.link.conn() {
                     break c;
@@ -146,12 +252,17 @@ impl RedisBackplane {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
+                self.refill(&mut batch);
             };
+            self.refill(&mut batch);
+            if batch.is_empty() {
+                continue;
+            }
             let cmds: Vec<redis::Cmd> = batch
                 .iter()
-                .map(|(channel, payload)| {
+                .map(|m| {
                     let mut c = redis::cmd(conn.publish_cmd());
-                    c.arg(channel).arg(payload.as_ref());
+                    c.arg(&m.channel).arg(m.payload.as_ref());
                     c
                 })
                 .collect();
@@ -165,6 +276,27 @@ impl RedisBackplane {
                 }
             }
             batch.clear();
+        }
+    }
+
+    /// Drops (and counts) envelopes of `batch` queued more than [`STALE_AFTER`] ago, then
+    /// tops it up to a pipeline from the queue, dropping stale ones on the way.
+    fn refill(&self, batch: &mut Vec<Outgoing>) {
+        let now = Instant::now();
+        let stale = |m: &Outgoing| now.saturating_duration_since(m.queued) >= STALE_AFTER;
+        let before = batch.len();
+        batch.retain(|m| !stale(m));
+        let mut dropped = before - batch.len();
+        while batch.len() < PIPELINE {
+            match self.outbox_rx.try_recv() {
+                Ok(m) if stale(&m) => dropped += 1,
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        if dropped > 0 {
+            tracing::debug!(dropped, "dropped stale backplane envelopes");
+            ::metrics::counter!(DROPPED).increment(dropped as u64);
         }
     }
 
@@ -240,6 +372,9 @@ impl RedisBackplane {
                     let Ok(push) = push else { return Err(disconnected()) };
                     match push.kind {
                         PushKind::Message | PushKind::SMessage => self.on_message(hub, push.data),
+                        PushKind::Unsubscribe | PushKind::SUnsubscribe => {
+                            self.on_unsubscribed(hub, conn, &mut subscribed, &push.data).await?;
+                        }
                         PushKind::Disconnection => return Err(disconnected()),
                         _ => {}
                     }
@@ -296,6 +431,36 @@ impl RedisBackplane {
         Ok(())
     }
 
+    /// An unsubscribe confirmation. For a room still in `subscribed` it was not ours (we
+    /// forget a room before its confirmation is read): the server dropped the
+    /// subscription, as a cluster does for the shard channels of a slot it hands to
+    /// another master. Forget it and subscribe again if the room is still wanted; the
+    /// client routes the new SSUBSCRIBE to the slot's new owner. (A confirmation of our
+    /// own that races a re-subscribe of the same room costs one redundant SUBSCRIBE.)
+    async fn on_unsubscribed(
+        &self,
+        hub: &Hub,
+        conn: &mut Conn,
+        subscribed: &mut HashSet<RoomId>,
+        data: &[Value],
+    ) -> redis::RedisResult<()> {
+        let Some(Value::BulkString(name)) = data.first() else {
+            return Ok(());
+        };
+        let Some(room) = std::str::from_utf8(name)
+            .ok()
+            .and_then(|c| c.strip_prefix(CHANNEL_PREFIX))
+            .and_then(|r| RoomId::parse(r).ok())
+        else {
+            return Ok(());
+        };
+        if !subscribed.remove(&room) {
+            return Ok(());
+        }
+        tracing::info!(%room, "redis dropped a room subscription; subscribing again");
+        self.reconcile(hub, conn, subscribed, room).await
+    }
+
     fn on_message(&self, hub: &Hub, data: Vec<Value>) {
         let Some(Value::BulkString(payload)) = data.into_iter().nth(1) else {
             return;
@@ -321,16 +486,30 @@ impl RedisBackplane {
 
     async fn presence(self: Arc<Self>, hub: Hub, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.presence_cfg.sync_ms));
-        // Rooms whose field we wrote, so a room we left gets its field removed.
-        let mut reported: HashSet<RoomId> = HashSet::new();
+        let ttl = Duration::from_secs(self.presence_cfg.node_ttl_s);
+        let mut state = PresenceState::default();
+        let mut last_synced = Instant::now();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.sync_presence(&hub, &mut reported).await {
-                tracing::debug!(error = %e, "presence sync failed");
-                ::metrics::counter!(ERRORS, "op" => "presence").increment(1);
+            match self.sync_presence(&hub, &mut state).await {
+                Ok(true) => last_synced = Instant::now(),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "presence sync failed");
+                    ::metrics::counter!(ERRORS, "op" => "presence").increment(1);
+                }
+            }
+            // Out of touch for longer than a dead node is remembered: the other nodes'
+            // counts are as unknowable as a dead node's, and adding them for the whole
+            // outage would report viewers who may long be gone. Local counts only.
+            if last_synced.elapsed() > ttl && !self.remote.is_empty() {
+                tracing::info!(
+                    "presence out of sync past the node TTL; counting local members only"
+                );
+                self.remote.clear();
             }
         }
         // Leaving: withdraw our counts so the others need not wait for the TTL.
@@ -338,14 +517,14 @@ impl RedisBackplane {
             let mut cmds = vec![
                 redis::cmd("ZREM")
                     .arg(NODES_KEY)
-                    .arg(&*self.node)
+                    .arg(&self.incarnation)
                     .to_owned(),
             ];
-            for room in &reported {
+            for room in &state.reported {
                 cmds.push(
                     redis::cmd("HDEL")
                         .arg(presence_key(room))
-                        .arg(&*self.node)
+                        .arg(&self.incarnation)
                         .to_owned(),
                 );
             }
@@ -353,23 +532,25 @@ impl RedisBackplane {
         }
     }
 
+    /// One presence round: heartbeat, write our counts, read everyone's, delete dead
+    /// incarnations' fields. `Ok(false)` when Redis is down (nothing synced).
     async fn sync_presence(
         &self,
         hub: &Hub,
-        reported: &mut HashSet<RoomId>,
-    ) -> redis::RedisResult<()> {
+        state: &mut PresenceState,
+    ) -> redis::RedisResult<bool> {
         let Some(mut conn) = self.link.conn() else {
-            return Ok(());
+            return Ok(false);
         };
         let ttl_ms = self.presence_cfg.node_ttl_s * 1000;
         let now = now_ms();
-        let (_, live): ((), Vec<String>) = conn
+        let (_, live): (Value, Vec<String>) = conn
             .pipe(
                 redis::pipe()
                     .cmd("ZADD")
                     .arg(NODES_KEY)
                     .arg(now)
-                    .arg(&*self.node)
+                    .arg(&self.incarnation)
                     .ignore()
                     .cmd("ZREMRANGEBYSCORE")
                     .arg(NODES_KEY)
@@ -384,71 +565,100 @@ impl RedisBackplane {
                     .arg(now.saturating_sub(ttl_ms))
                     .arg("+inf"),
             )
-            .await
-            .map(|(_, live): (Value, Vec<String>)| ((), live))?;
-        let live: HashSet<String> = live.into_iter().collect();
-        self.live_nodes.store(live.len().max(1), Ordering::Release);
+            .await?;
+        let live = Live::new(live);
+        self.live_nodes
+            .store(live.nodes().max(1), Ordering::Release);
         let rooms = hub.local_rooms();
         // Per room: write our count (or withdraw it), then read every node's.
         let mut cmds: Vec<redis::Cmd> = Vec::new();
         let mut read = Vec::new();
+        // Rooms whose field this round deletes: forgotten only once the delete worked,
+        // or a failed round would leave our old count behind for as long as we live.
+        let mut withdrawn: Vec<RoomId> = Vec::new();
         for (room, count) in &rooms {
             let key = presence_key(room);
             if *count > 0 {
                 cmds.push(
                     redis::cmd("HSET")
                         .arg(&key)
-                        .arg(&*self.node)
+                        .arg(&self.incarnation)
                         .arg(*count)
                         .to_owned(),
                 );
                 cmds.push(redis::cmd("PEXPIRE").arg(&key).arg(ttl_ms * 2).to_owned());
-                reported.insert(room.clone());
-            } else if reported.remove(room) {
-                cmds.push(redis::cmd("HDEL").arg(&key).arg(&*self.node).to_owned());
+                state.reported.insert(room.clone());
+            } else if state.reported.contains(room) {
+                cmds.push(
+                    redis::cmd("HDEL")
+                        .arg(&key)
+                        .arg(&self.incarnation)
+                        .to_owned(),
+                );
+                withdrawn.push(room.clone());
             }
             read.push((room.clone(), cmds.len()));
             cmds.push(redis::cmd("HGETALL").arg(&key).to_owned());
         }
         // Rooms we reported but no longer hold at all.
         let held: HashSet<&RoomId> = rooms.iter().map(|(r, _)| r).collect();
-        let gone: Vec<RoomId> = reported
-            .iter()
-            .filter(|r| !held.contains(r))
-            .cloned()
-            .collect();
-        for room in gone {
+        for room in state.reported.iter().filter(|r| !held.contains(r)) {
             cmds.push(
                 redis::cmd("HDEL")
-                    .arg(presence_key(&room))
-                    .arg(&*self.node)
+                    .arg(presence_key(room))
+                    .arg(&self.incarnation)
                     .to_owned(),
             );
-            reported.remove(&room);
+            withdrawn.push(room.clone());
+        }
+        // Fields of incarnations that were dead at the last read and still are.
+        for (key, fields) in &state.stale {
+            let dead: Vec<&String> = fields.iter().filter(|f| !live.is_live(f)).collect();
+            if !dead.is_empty() {
+                cmds.push(redis::cmd("HDEL").arg(key).arg(dead).to_owned());
+            }
         }
         if cmds.is_empty() {
             self.remote.clear();
-            return Ok(());
+            return Ok(true);
         }
+        // On failure `state.stale` stays: those fields are checked again next round.
         let replies = conn.run_all(&cmds).await?;
+        for room in &withdrawn {
+            state.reported.remove(room);
+        }
         let mut counts: Vec<HashMap<String, u64>> = Vec::with_capacity(read.len());
         for (_, at) in &read {
             counts.push(redis::from_redis_value(replies[*at].clone())?);
         }
         let read: Vec<RoomId> = read.into_iter().map(|(r, _)| r).collect();
 
+        // Fields of incarnations that are not live: suspects, deleted next round if
+        // their heartbeat has not appeared by then.
+        state.stale.clear();
+        let mut suspects = 0;
+        for (room, fields) in read.iter().zip(&counts) {
+            let dead: Vec<String> = fields
+                .keys()
+                .filter(|f| !live.is_live(f))
+                .take(STALE_FIELDS_PER_SYNC - suspects)
+                .cloned()
+                .collect();
+            suspects += dead.len();
+            if !dead.is_empty() {
+                state.stale.insert(presence_key(room), dead);
+            }
+            if suspects >= STALE_FIELDS_PER_SYNC {
+                break;
+            }
+        }
+
         // Replace entries in place: a reader must never see an emptied map mid-sync.
         let fresh: HashMap<RoomId, u64> = read
             .into_iter()
             .zip(counts)
             .map(|(room, fields)| {
-                let others: u64 = fields
-                    .iter()
-                    .filter(|(node, _)| {
-                        node.as_str() != &*self.node && live.contains(node.as_str())
-                    })
-                    .map(|(_, n)| *n)
-                    .sum();
+                let others = live.others(&fields, &self.node);
                 (room, others)
             })
             .collect();
@@ -456,11 +666,9 @@ impl RedisBackplane {
         for (room, others) in fresh {
             self.remote.insert(room, others);
         }
-        Ok(())
+        Ok(true)
     }
 }
-
-use crate::redis_link::Conn;
 
 fn disconnected() -> redis::RedisError {
     redis::RedisError::from(std::io::Error::new(
@@ -485,7 +693,12 @@ impl Backplane for RedisBackplane {
                 return;
             }
         };
-        if self.outbox.try_send((channel(room), payload)).is_err() {
+        let out = Outgoing {
+            channel: channel(room),
+            payload,
+            queued: Instant::now(),
+        };
+        if self.outbox.try_send(out).is_err() {
             ::metrics::counter!(DROPPED).increment(1);
         }
     }
@@ -516,14 +729,10 @@ impl Backplane for RedisBackplane {
         let Ok(replies) = conn.run_all(&cmds).await else {
             return self.remote_online(room);
         };
-        let live: HashSet<String> = redis::from_redis_value(replies[0].clone()).unwrap_or_default();
+        let live = Live::new(redis::from_redis_value(replies[0].clone()).unwrap_or_default());
         let counts: HashMap<String, u64> =
             redis::from_redis_value(replies[1].clone()).unwrap_or_default();
-        let others: u64 = counts
-            .iter()
-            .filter(|(node, _)| node.as_str() != &*self.node && live.contains(node.as_str()))
-            .map(|(_, n)| *n)
-            .sum();
+        let others = live.others(&counts, &self.node);
         self.remote.insert(room.clone(), others);
         others
     }
@@ -534,5 +743,62 @@ impl Backplane for RedisBackplane {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
+        pairs.iter().map(|(f, n)| (f.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn incarnations_parse_back_to_their_node() {
+        let me = incarnation("node-a");
+        let (node, started) = parse_incarnation(&me);
+        assert_eq!(node, "node-a");
+        assert!(started > 0);
+        assert_ne!(
+            me,
+            incarnation("node-a"),
+            "two lives of a node share a field"
+        );
+        // A node id with the separator in it still parses (the suffix is split off last).
+        assert_eq!(parse_incarnation("a#b#17.00ff"), ("a#b", 17));
+        // A plain node id, as written before incarnations, is a node started at 0.
+        assert_eq!(parse_incarnation("node-a"), ("node-a", 0));
+        assert_eq!(parse_incarnation("node#x"), ("node#x", 0));
+    }
+
+    #[test]
+    fn only_the_newest_live_incarnation_of_a_node_counts() {
+        // node-b crashed (b#100) and restarted (b#200) within the TTL: both heartbeats
+        // are still live, but only the new life's counts are real.
+        let live = Live::new(vec![
+            "a#50.1".into(),
+            "b#100.1".into(),
+            "b#200.2".into(),
+            "c#10.3".into(),
+        ]);
+        assert_eq!(live.nodes(), 3);
+        let room = fields(&[
+            ("a#50.1", 1),
+            ("b#100.1", 3),
+            ("b#200.2", 1),
+            ("c#10.3", 5),
+            ("dead#1.4", 7),
+        ]);
+        // From a: b's new life and c; not a itself, b's old life or the dead node.
+        assert_eq!(live.others(&room, "a"), 6);
+        // From b's new life: its own old life is not someone else either.
+        assert_eq!(live.others(&room, "b"), 6);
+        // Legacy plain fields of live legacy nodes still count.
+        let live = Live::new(vec!["old-node".into(), "a#50.1".into()]);
+        assert_eq!(
+            live.others(&fields(&[("old-node", 4), ("a#50.1", 1)]), "a"),
+            4
+        );
     }
 }

@@ -1,0 +1,565 @@
+//! Presence and pub/sub through crashes, outages and cluster changes, on real
+//! `redis-server`s and real gateway nodes (some as child processes, so they can be
+//! SIGKILLed):
+//! - a node restarted with the same `node_id` does not count its previous life's viewers,
+//!   and a dead incarnation's presence fields are deleted, not just ignored;
+//! - a count whose withdrawal failed is withdrawn once Redis accepts it again;
+//! - counts from other nodes vanish when Redis stays down past the node TTL;
+//! - envelopes queued during an outage are dropped, not replayed, once stale;
+//! - a cluster slot migration (server-initiated SUNSUBSCRIBE) is followed by a new
+//!   subscription on the slot's new owner.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use danmaku_gateway::config::Config;
+use serde_json::{Value, json};
+use support::{
+    API_TOKEN, Client, Gateway, RedisServer, SECRET, free_port, http, metric, online, redis_node,
+    relax_rate_limits, temp_dir, until_linked, wait_for,
+};
+
+const TTL_S: u64 = 2;
+const DROPPED: &str = "danmaku_backplane_dropped_total";
+
+fn presence(cfg: &mut Config) {
+    relax_rate_limits(cfg);
+    cfg.presence.node_ttl_s = TTL_S;
+    cfg.presence.sync_ms = 200;
+}
+
+/// `calls` of `cmdstat_<cmd>` in `INFO commandstats` (0 when never called).
+fn command_calls(redis: &RedisServer, cmd: &str) -> u64 {
+    let info = redis.cli(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{cmd}:calls=");
+    info.lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// The fields of `room`'s presence hash.
+fn presence_fields(redis: &RedisServer, room: &str) -> Vec<String> {
+    let out = redis.cli(&["HKEYS", &format!("danmaku:presence:{room}")]);
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+async fn online_at(addr: SocketAddr, room: &str) -> u64 {
+    let (st, v) = http(
+        addr,
+        "GET",
+        &format!("/api/v1/rooms/{room}"),
+        Some(API_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    v["online"].as_u64().unwrap()
+}
+
+async fn backplane_up(gw: &Gateway) -> bool {
+    let (_, body) = http(gw.addr, "GET", "/readyz", None, None).await;
+    body["backplane"]["up"] == true
+}
+
+/// A gateway as a child process of the real binary, so it can be SIGKILLed.
+struct GatewayProcess {
+    addr: SocketAddr,
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+impl GatewayProcess {
+    async fn spawn(redis_url: &str, node_id: &str) -> Self {
+        let dir = temp_dir("gwproc");
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let toml = format!(
+            r#"backplane = "redis"
+[server]
+listen = "127.0.0.1:{port}"
+node_id = "{node_id}"
+shards = 2
+drain_s = 1
+[auth]
+secret = "{SECRET}"
+[api]
+token = "{API_TOKEN}"
+[room]
+batch_ms = 20
+presence_ms = 100
+[data]
+dir = "{data}"
+[redis]
+url = "{redis_url}"
+[presence]
+node_ttl_s = {TTL_S}
+sync_ms = 200
+"#,
+            data = dir.join("data").display()
+        );
+        let cfg_path = dir.join("gateway.toml");
+        std::fs::write(&cfg_path, toml).unwrap();
+        let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_danmaku-gateway"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gateway binary");
+        let mut me = GatewayProcess {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child: Some(child),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = me.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gateway exited early ({status}): {}", me.log());
+            }
+            if tokio::net::TcpStream::connect(me.addr).await.is_ok()
+                && http(me.addr, "GET", "/healthz", None, None).await.0 == 200
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not come up: {}",
+                me.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        me
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no drain, no goodbye to Redis.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// An anonymous viewer joined to `room` (hello and joined consumed).
+    async fn viewer(&self, room: &str) -> Client {
+        let url = format!("ws://{}/ws?room={room}", self.addr);
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect");
+        let mut c = Client {
+            ws,
+            msgpack: false,
+            hello: Value::Null,
+            protocol: None,
+        };
+        c.hello = c.recv().await;
+        assert_eq!(c.hello["op"], "hello", "{}", c.hello);
+        c.recv_op("joined").await;
+        c
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Asserts `online(gw, room) == want` at every poll for `d`.
+async fn stays(gw: &Gateway, room: &str, want: u64, d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        assert_eq!(online(gw, room).await, want, "{room} drifted from {want}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_with_same_id_does_not_double_count() {
+    let redis = RedisServer::start();
+    let b = redis_node(&redis.url(), "node-b", presence).await;
+    let mut x = GatewayProcess::spawn(&redis.url(), "node-x").await;
+    // X holds 3 viewers of `left` (a room it will not hold after its restart) and 2 of
+    // `kept` (one it will); B holds one of each.
+    let mut on_x = Vec::new();
+    for room in ["left", "left", "left", "kept", "kept"] {
+        on_x.push(x.viewer(room).await);
+    }
+    let mut on_b = Vec::new();
+    for room in ["left", "kept"] {
+        let mut c = b.client(&format!("room={room}")).await;
+        c.recv_op("joined").await;
+        on_b.push(c);
+    }
+    wait_for(Duration::from_secs(10), "B counts X's viewers", || async {
+        online(&b, "left").await == 4 && online(&b, "kept").await == 3
+    })
+    .await;
+
+    // X crashes and comes straight back under the same node id, well inside the TTL:
+    // it is live again, but holds no member of `left`, and one of `kept`.
+    x.kill();
+    drop(on_x);
+    let x = GatewayProcess::spawn(&redis.url(), "node-x").await;
+    let _again = x.viewer("kept").await;
+    wait_for(
+        Duration::from_secs(TTL_S + 5),
+        "B to drop X's previous life",
+        || async { online(&b, "left").await == 1 && online(&b, "kept").await == 2 },
+    )
+    .await;
+    // And for good: the old counts do not come back while X lives on.
+    stays(&b, "left", 1, Duration::from_secs(TTL_S * 2)).await;
+    assert_eq!(online(&b, "kept").await, 2);
+    assert_eq!(online_at(x.addr, "kept").await, 2);
+    assert_eq!(online_at(x.addr, "left").await, 1);
+
+    // The dead incarnation's fields are deleted, not merely ignored: `left` keeps only
+    // B's field, `kept` B's and X's new life's.
+    wait_for(
+        Duration::from_secs(TTL_S + 5),
+        "the previous life's presence fields deleted",
+        || async {
+            presence_fields(&redis, "left").len() == 1 && presence_fields(&redis, "kept").len() == 2
+        },
+    )
+    .await;
+    drop(on_b);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawal_that_failed_is_retried() {
+    let redis = RedisServer::start();
+    let a = redis_node(&redis.url(), "node-a", presence).await;
+    let b = redis_node(&redis.url(), "node-b", presence).await;
+    let room = "retry";
+    let mut leaver = a.client(&format!("room={room}")).await;
+    leaver.recv_op("joined").await;
+    let mut stayer = b.client(&format!("room={room}")).await;
+    stayer.recv_op("joined").await;
+    wait_for(Duration::from_secs(10), "online 2 on B", || async {
+        online(&b, room).await == 2
+    })
+    .await;
+
+    // Redis refuses HDEL for a while: A's withdrawal of its count fails.
+    assert_eq!(redis.cli(&["ACL", "SETUSER", "default", "-hdel"]), "OK");
+    leaver.close().await;
+    wait_for(Duration::from_secs(5), "A to see the leave", || async {
+        online(&a, room).await == 1
+    })
+    .await;
+    // Several sync rounds fail meanwhile; A is live throughout.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(online(&b, room).await, 2, "the field is still there");
+    assert_eq!(redis.cli(&["ACL", "SETUSER", "default", "+hdel"]), "OK");
+    wait_for(
+        Duration::from_secs(5),
+        "A's count withdrawn once HDEL works again",
+        || async { online(&b, room).await == 1 },
+    )
+    .await;
+    stays(&b, room, 1, Duration::from_secs(TTL_S)).await;
+    drop(stayer);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_nodes_counts_vanish_during_a_long_outage() {
+    let mut redis = RedisServer::start();
+    let a = redis_node(&redis.url(), "node-a", presence).await;
+    let b = redis_node(&redis.url(), "node-b", presence).await;
+    let room = "outage-presence";
+    let mut alice = a.client(&format!("room={room}")).await;
+    alice.recv_op("joined").await;
+    let mut on_b = Vec::new();
+    for _ in 0..2 {
+        let mut c = b.client(&format!("room={room}")).await;
+        c.recv_op("joined").await;
+        on_b.push(c);
+    }
+    wait_for(Duration::from_secs(10), "online 3 on A", || async {
+        online(&a, room).await == 3
+    })
+    .await;
+
+    redis.kill();
+    let killed = Instant::now();
+    // Past the TTL A can no longer tell whether B's viewers are there: it counts its own.
+    wait_for(
+        Duration::from_secs(TTL_S + 5),
+        "A to forget B's count",
+        || async { online(&a, room).await == 1 },
+    )
+    .await;
+    assert!(
+        killed.elapsed() >= Duration::from_secs(TTL_S) - Duration::from_millis(500),
+        "forgot remote counts before the TTL: {:?}",
+        killed.elapsed()
+    );
+    alice
+        .events_until(room, |ev| {
+            ev.iter()
+                .any(|e| e["type"] == "presence" && e["online"] == 1)
+        })
+        .await;
+
+    // Back in touch, the remote count returns.
+    redis.restart();
+    wait_for(Duration::from_secs(20), "online 3 on A again", || async {
+        online(&a, room).await == 3
+    })
+    .await;
+    drop(on_b);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_envelopes_are_dropped_not_replayed_after_an_outage() {
+    let mut redis = RedisServer::start();
+    let a = redis_node(&redis.url(), "node-stale", presence).await;
+    let room = "stale";
+    let mut alice = a.user("alice", "").await;
+    alice.join(room).await;
+    wait_for(Duration::from_secs(10), "backplane up", || backplane_up(&a)).await;
+
+    redis.kill();
+    wait_for(Duration::from_secs(10), "backplane down", || async {
+        !backplane_up(&a).await
+    })
+    .await;
+    // The command link notices within a health check (1 s): from then on envelopes
+    // queue instead of failing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let dropped_before = metric(a.addr, DROPPED).await;
+    for i in 0..5 {
+        let r = alice
+            .call(
+                json!({"op":"chat","room":room,"text":format!("old-{i}")}),
+                10 + i,
+            )
+            .await;
+        assert_eq!(r["op"], "ack", "{r}");
+        // One window each: one envelope each.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Longer than envelopes are worth sending.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    redis.restart();
+    wait_for(Duration::from_secs(20), "backplane up again", || {
+        backplane_up(&a)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        command_calls(&redis, "publish"),
+        0,
+        "envelopes from before the outage were replayed"
+    );
+    let dropped = metric(a.addr, DROPPED).await - dropped_before;
+    assert!(dropped >= 5.0, "stale envelopes dropped: +{dropped}");
+
+    // Fresh envelopes still go out.
+    let r = alice
+        .call(json!({"op":"chat","room":room,"text":"fresh"}), 99)
+        .await;
+    assert_eq!(r["op"], "ack", "{r}");
+    wait_for(
+        Duration::from_secs(5),
+        "the fresh chat published",
+        || async { command_calls(&redis, "publish") == 1 },
+    )
+    .await;
+    drop(alice);
+    a.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis Cluster: slot migration.
+
+/// Three `redis-server --cluster-enabled yes` masters covering all 16384 slots.
+struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    fn start() -> Self {
+        // The config file is relative to each server's own `--dir`, removed with it.
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let me = RedisCluster { nodes };
+        me.wait_ok();
+        me
+    }
+
+    fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.nodes.iter().all(|n| {
+            let info = n.cli(&["CLUSTER", "INFO"]);
+            info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+        }) {
+            assert!(Instant::now() < deadline, "cluster never became ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the master serving `slot`, asked of every master (they agree once
+    /// the cluster has converged).
+    fn owner(&self, slot: u16) -> usize {
+        let shards = self.nodes[0].cli(&["CLUSTER", "SLOTS"]);
+        // Flat redis-cli output: start, end, then per node ip, port, id (...); read
+        // "start end ip port" runs.
+        let lines: Vec<&str> = shards.lines().map(str::trim).collect();
+        for w in lines.windows(4) {
+            if let (Ok(lo), Ok(hi), Ok(port)) = (
+                w[0].parse::<u16>(),
+                w[1].parse::<u16>(),
+                w[3].parse::<u16>(),
+            ) && w[2] == "127.0.0.1"
+                && (lo..=hi).contains(&slot)
+                && let Some(i) = self.nodes.iter().position(|n| n.port == port)
+            {
+                return i;
+            }
+        }
+        panic!("no owner of slot {slot}: {shards}");
+    }
+
+    /// Moves `slot` (which holds no keys) from master `from` to master `to`, as
+    /// `redis-cli --cluster reshard` would.
+    fn migrate(&self, slot: u16, from: usize, to: usize) {
+        let id = |i: usize| self.nodes[i].cli(&["CLUSTER", "MYID"]);
+        let (from_id, to_id) = (id(from), id(to));
+        let s = slot.to_string();
+        let ok = |out: String| assert_eq!(out, "OK");
+        ok(self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]));
+        ok(self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]));
+        assert_eq!(
+            self.nodes[from].cli(&["CLUSTER", "COUNTKEYSINSLOT", &s]),
+            "0",
+            "slot {slot} holds keys"
+        );
+        ok(self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]));
+        ok(self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]));
+        for (i, n) in self.nodes.iter().enumerate() {
+            if i != from && i != to {
+                ok(n.cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]));
+            }
+        }
+    }
+}
+
+/// `PUBSUB SHARDNUMSUB channel` on one master.
+fn shard_subscribers(node: &RedisServer, channel: &str) -> u64 {
+    let out = node.cli(&["PUBSUB", "SHARDNUMSUB", channel]);
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected SHARDNUMSUB output {out:?}"))
+}
+
+async fn cluster_node(cluster: &RedisCluster, id: &str) -> Gateway {
+    let url = cluster.url();
+    redis_node(&url.clone(), id, move |cfg: &mut Config| {
+        relax_rate_limits(cfg);
+        cfg.redis.cluster = true;
+        cfg.redis.url = url;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_resubscribes_after_its_slot_migrates() {
+    let cluster = RedisCluster::start();
+    let a = cluster_node(&cluster, "node-a").await;
+    let b = cluster_node(&cluster, "node-b").await;
+    let room = "migrating";
+    let channel = format!("danmaku:room:{room}");
+    let mut alice = a.user("alice", "").await;
+    let mut bob = b.user("bob", "").await;
+    alice.join(room).await;
+    bob.join(room).await;
+    let slot: u16 = cluster.nodes[0]
+        .cli(&["CLUSTER", "KEYSLOT", &channel])
+        .parse()
+        .unwrap();
+    let from = cluster.owner(slot);
+    let to = (from + 1) % cluster.nodes.len();
+    wait_for(Duration::from_secs(10), "both nodes subscribed", || async {
+        shard_subscribers(&cluster.nodes[from], &channel) == 2
+    })
+    .await;
+    until_linked(&mut alice, &mut bob, room, "before").await;
+
+    // The slot moves: its old master drops the shard channel's subscribers
+    // (SUNSUBSCRIBE pushed to them) and the new one has none until they come back.
+    cluster.migrate(slot, from, to);
+    assert_eq!(cluster.owner(slot), to);
+    wait_for(
+        Duration::from_secs(10),
+        "both nodes subscribed on the slot's new master",
+        || async {
+            shard_subscribers(&cluster.nodes[to], &channel) == 2
+                && shard_subscribers(&cluster.nodes[from], &channel) == 0
+        },
+    )
+    .await;
+    until_linked(&mut alice, &mut bob, room, "after").await;
+    until_linked(&mut bob, &mut alice, room, "after-back").await;
+    drop((alice, bob));
+    a.stop().await;
+    b.stop().await;
+}
