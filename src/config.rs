@@ -28,6 +28,17 @@ pub enum ConfigError {
     Missing(PathBuf),
 }
 
+/// Longest `server.node_id`. The node id is part of every red-packet id, and those must
+/// stay within the protocol's [`crate::protocol::MAX_ID_LEN`] (64): the longest form,
+/// Redis's `rp{0..15}-{node}-{16 hex digits}`, adds 22 characters to the node id.
+pub const MAX_NODE_ID_LEN: usize = 42;
+/// Longest `redpacket.max_expires_in_s` (30 days): packet deadlines are kept in ms.
+pub const MAX_EXPIRES_IN_S: u64 = 30 * 24 * 3600;
+/// Longest `redpacket.retain_s` (a year).
+pub const MAX_RETAIN_S: u64 = 365 * 24 * 3600;
+/// Fastest accepted rate of a `ratelimit.*` budget (per second): one unit per µs.
+pub const MAX_RATE: f64 = 1_000_000.0;
+
 /// The whole gateway configuration, one section per `[table]` in `config.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -429,6 +440,18 @@ impl Default for RoomConfig {
     }
 }
 
+/// `Ok` if `ok`, else a [`ConfigError::Invalid`] naming `key`.
+fn check(ok: bool, key: &'static str, message: &str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            message: message.into(),
+        })
+    }
+}
+
 impl Config {
     /// Loads defaults, then `path` (or `./config.toml` if it exists), then `GATEWAY_*` env.
     ///
@@ -465,16 +488,6 @@ impl Config {
 
     /// Range and cross-field checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn check(ok: bool, key: &'static str, message: &str) -> Result<(), ConfigError> {
-            if ok {
-                Ok(())
-            } else {
-                Err(ConfigError::Invalid {
-                    key,
-                    message: message.into(),
-                })
-            }
-        }
         check(
             self.server.heartbeat_ms >= 100,
             "server.heartbeat_ms",
@@ -565,6 +578,165 @@ impl Config {
             "room.max_pending",
             "must be positive",
         )?;
+        self.validate_durations()?;
+        self.validate_node_id()?;
+        self.validate_ratelimits()?;
+        self.validate_redpackets()?;
+        self.validate_gifts()?;
+        check(
+            self.redis.publish_queue > 0,
+            "redis.publish_queue",
+            "must be positive (0 would drop every room batch)",
+        )?;
+        Ok(())
+    }
+
+    /// Periods that become timers or are multiplied into ms: 0 would panic a timer (or
+    /// spin), and a huge value would overflow an `Instant` or a ms deadline.
+    fn validate_durations(&self) -> Result<(), ConfigError> {
+        check(
+            self.server.heartbeat_ms <= 3_600_000,
+            "server.heartbeat_ms",
+            "must be at most 3600000",
+        )?;
+        check(
+            self.server.drain_s <= 3600,
+            "server.drain_s",
+            "must be at most 3600",
+        )?;
+        check(
+            self.room.presence_ms <= 3_600_000,
+            "room.presence_ms",
+            "must be at most 3600000",
+        )?;
+        check(
+            self.presence.sync_ms >= 1,
+            "presence.sync_ms",
+            "must be at least 1",
+        )?;
+        check(
+            (1..=86_400).contains(&self.presence.node_ttl_s),
+            "presence.node_ttl_s",
+            "must be between 1 and 86400",
+        )?;
+        check(
+            self.presence.node_ttl_s * 1000 > self.presence.sync_ms,
+            "presence.node_ttl_s",
+            "must be longer than presence.sync_ms, else live nodes are presumed dead between \
+             two syncs",
+        )
+    }
+
+    /// The node id appears in event and red-packet ids (which clients send back in
+    /// `grab` and URLs), and a node drops envelopes carrying its own id.
+    fn validate_node_id(&self) -> Result<(), ConfigError> {
+        let id = &self.server.node_id;
+        check(
+            id.len() <= MAX_NODE_ID_LEN,
+            "server.node_id",
+            &format!("must be at most {MAX_NODE_ID_LEN} characters (it is part of packet ids)"),
+        )?;
+        check(
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')),
+            "server.node_id",
+            "only [A-Za-z0-9_.:-] allowed (it is part of event and packet ids)",
+        )
+    }
+
+    fn validate_ratelimits(&self) -> Result<(), ConfigError> {
+        let rl = &self.ratelimit;
+        let rates = [
+            (
+                "ratelimit.chat.rate",
+                "ratelimit.chat.burst",
+                Some(&rl.chat),
+            ),
+            (
+                "ratelimit.gift.rate",
+                "ratelimit.gift.burst",
+                Some(&rl.gift),
+            ),
+            (
+                "ratelimit.grab.rate",
+                "ratelimit.grab.burst",
+                Some(&rl.grab),
+            ),
+            (
+                "ratelimit.join.rate",
+                "ratelimit.join.burst",
+                Some(&rl.join),
+            ),
+            (
+                "ratelimit.anon_per_ip.rate",
+                "ratelimit.anon_per_ip.burst",
+                rl.anon_per_ip.as_ref(),
+            ),
+        ];
+        for (rate_key, burst_key, r) in rates {
+            let Some(r) = r else { continue };
+            check(
+                r.rate.is_finite() && r.rate > 0.0 && r.rate <= MAX_RATE,
+                rate_key,
+                &format!("must be a number above 0 and at most {MAX_RATE} (units per second)"),
+            )?;
+            check(r.burst >= 1, burst_key, "must be at least 1")?;
+            let refill = crate::ratelimit::MAX_REFILL.as_secs();
+            check(
+                f64::from(r.burst) / r.rate <= refill as f64,
+                rate_key,
+                &format!(
+                    "too slow: a full burst (burst / rate) must refill within {refill} seconds"
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn validate_redpackets(&self) -> Result<(), ConfigError> {
+        let rp = &self.redpacket;
+        check(
+            rp.max_concurrent_grabs >= 1,
+            "redpacket.max_concurrent_grabs",
+            "must be at least 1 (0 would answer every grab `busy`)",
+        )?;
+        check(
+            (1..=MAX_EXPIRES_IN_S).contains(&rp.max_expires_in_s),
+            "redpacket.max_expires_in_s",
+            &format!("must be between 1 and {MAX_EXPIRES_IN_S}"),
+        )?;
+        check(
+            (1..=rp.max_expires_in_s).contains(&rp.default_expires_in_s),
+            "redpacket.default_expires_in_s",
+            "must be between 1 and redpacket.max_expires_in_s",
+        )?;
+        check(
+            rp.retain_s <= MAX_RETAIN_S,
+            "redpacket.retain_s",
+            &format!("must be at most {MAX_RETAIN_S}"),
+        )
+    }
+
+    /// Gift ids follow the protocol's rule for the `gift` op (1-64 characters), so every
+    /// catalog entry can be sent; and each id names one gift.
+    fn validate_gifts(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for g in &self.gifts {
+            check(
+                (1..=crate::protocol::MAX_ID_LEN).contains(&g.id.len()),
+                "gifts.id",
+                &format!(
+                    "gift id {:?} must be 1-{} characters",
+                    g.id,
+                    crate::protocol::MAX_ID_LEN
+                ),
+            )?;
+            check(
+                seen.insert(g.id.as_str()),
+                "gifts.id",
+                &format!("gift id {:?} appears more than once", g.id),
+            )?;
+        }
         Ok(())
     }
 
@@ -631,6 +803,184 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.server.proxy_protocol, ProxyProtocol::Optional);
         assert!(cfg.server.tls.enabled());
+    }
+
+    /// Every value that would panic, overflow, deadlock or silently break something at
+    /// run time is refused at load, naming its key.
+    #[test]
+    fn invalid_values_name_their_key() {
+        let long_node = "n".repeat(MAX_NODE_ID_LEN + 1);
+        let long_gift = "g".repeat(crate::protocol::MAX_ID_LEN + 1);
+        let cases: Vec<(String, &str)> = vec![
+            // Rates: governor's quota needs a positive, finite period (1 / rate).
+            (
+                "[ratelimit]\nchat = { rate = 0.0, burst = 5 }".into(),
+                "ratelimit.chat.rate",
+            ),
+            (
+                "[ratelimit]\nchat = { rate = -1.0, burst = 5 }".into(),
+                "ratelimit.chat.rate",
+            ),
+            (
+                "[ratelimit]\ngift = { rate = nan, burst = 5 }".into(),
+                "ratelimit.gift.rate",
+            ),
+            (
+                "[ratelimit]\ngrab = { rate = inf, burst = 5 }".into(),
+                "ratelimit.grab.rate",
+            ),
+            (
+                "[ratelimit]\njoin = { rate = 1e7, burst = 5 }".into(),
+                "ratelimit.join.rate",
+            ),
+            (
+                "[ratelimit]\nchat = { rate = 1e-9, burst = 1 }".into(),
+                "ratelimit.chat.rate",
+            ),
+            (
+                "[ratelimit]\ngift = { rate = 1.0, burst = 0 }".into(),
+                "ratelimit.gift.burst",
+            ),
+            (
+                "[ratelimit]\nanon_per_ip = { rate = 0.0, burst = 5 }".into(),
+                "ratelimit.anon_per_ip.rate",
+            ),
+            (
+                "[ratelimit]\nanon_per_ip = { rate = 1.0, burst = 0 }".into(),
+                "ratelimit.anon_per_ip.burst",
+            ),
+            // Red packets.
+            (
+                "[redpacket]\nmax_concurrent_grabs = 0".into(),
+                "redpacket.max_concurrent_grabs",
+            ),
+            (
+                "[redpacket]\ndefault_expires_in_s = 600\nmax_expires_in_s = 300".into(),
+                "redpacket.default_expires_in_s",
+            ),
+            (
+                "[redpacket]\ndefault_expires_in_s = 0".into(),
+                "redpacket.default_expires_in_s",
+            ),
+            (
+                "[redpacket]\nmax_expires_in_s = 9223372036854775807".into(),
+                "redpacket.max_expires_in_s",
+            ),
+            (
+                "[redpacket]\nretain_s = 9223372036854775807".into(),
+                "redpacket.retain_s",
+            ),
+            // Gifts.
+            (
+                "[[gifts]]\nid = \"rose\"\nname = \"A\"\nfree = true\n\
+                 [[gifts]]\nid = \"rose\"\nname = \"B\"\nfree = false"
+                    .into(),
+                "gifts.id",
+            ),
+            (
+                "[[gifts]]\nid = \"\"\nname = \"Nothing\"\nfree = true".into(),
+                "gifts.id",
+            ),
+            (
+                format!("[[gifts]]\nid = \"{long_gift}\"\nname = \"Long\"\nfree = true"),
+                "gifts.id",
+            ),
+            // The node id is part of packet ids.
+            (
+                format!("[server]\nnode_id = \"{long_node}\""),
+                "server.node_id",
+            ),
+            ("[server]\nnode_id = \"gw/1\"".into(), "server.node_id"),
+            // Timers and ms arithmetic.
+            ("[presence]\nsync_ms = 0".into(), "presence.sync_ms"),
+            ("[presence]\nnode_ttl_s = 0".into(), "presence.node_ttl_s"),
+            (
+                "[presence]\nnode_ttl_s = 1\nsync_ms = 1000".into(),
+                "presence.node_ttl_s",
+            ),
+            (
+                "[presence]\nnode_ttl_s = 9223372036854775807".into(),
+                "presence.node_ttl_s",
+            ),
+            ("[redis]\npublish_queue = 0".into(), "redis.publish_queue"),
+            ("[room]\nbatch_ms = 0".into(), "room.batch_ms"),
+            ("[room]\npresence_ms = 0".into(), "room.presence_ms"),
+            (
+                "[room]\npresence_ms = 9223372036854775807".into(),
+                "room.presence_ms",
+            ),
+            (
+                "[limits]\noutbound_queue = 0".into(),
+                "limits.outbound_queue",
+            ),
+            ("[server]\nshards = 100000".into(), "server.shards"),
+            ("[server]\nheartbeat_ms = 0".into(), "server.heartbeat_ms"),
+            (
+                "[server]\nheartbeat_ms = 9223372036854775807".into(),
+                "server.heartbeat_ms",
+            ),
+            (
+                "[server]\ndrain_s = 9223372036854775807".into(),
+                "server.drain_s",
+            ),
+        ];
+        for (toml, key) in cases {
+            let err = Config::from_toml(&toml)
+                .map(|_| ())
+                .expect_err(&format!("accepted: {toml}"));
+            let msg = err.to_string();
+            assert!(
+                matches!(&err, ConfigError::Invalid { key: k, .. } if *k == key),
+                "{toml}: expected `{key}`, got {msg}"
+            );
+            assert!(msg.contains(key), "{msg}");
+        }
+    }
+
+    #[test]
+    fn limits_at_their_bounds_are_accepted() {
+        let node = "n".repeat(MAX_NODE_ID_LEN);
+        let gift = "g".repeat(crate::protocol::MAX_ID_LEN);
+        let cfg = Config::from_toml(&format!(
+            "[server]\nnode_id = \"{node}\"\n\
+             [ratelimit]\nchat = {{ rate = 1000000.0, burst = 1 }}\n\
+             anon_per_ip = {{ rate = 0.01, burst = 50 }}\n\
+             [redpacket]\nmax_concurrent_grabs = 1\ndefault_expires_in_s = 2592000\n\
+             max_expires_in_s = 2592000\nretain_s = 31536000\n\
+             [presence]\nnode_ttl_s = 2\nsync_ms = 1999\n\
+             [redis]\npublish_queue = 1\n\
+             [[gifts]]\nid = \"{gift}\"\nname = \"Long\"\nfree = true"
+        ))
+        .unwrap();
+        // The rate limiter is built from them without panicking.
+        crate::ratelimit::RateLimits::new(&cfg.ratelimit);
+    }
+
+    /// The longest node id keeps the longest packet id (a Redis store's) within the
+    /// protocol's id limit, so its packets can be grabbed.
+    #[test]
+    fn longest_node_id_keeps_packet_ids_within_the_protocol() {
+        let node = "n".repeat(MAX_NODE_ID_LEN);
+        for _ in 0..200 {
+            let id = crate::redpacket::redis::RedisStore::packet_id(&node);
+            assert!(id.len() <= crate::protocol::MAX_ID_LEN, "{id}");
+        }
+        // The default (local store) form is shorter.
+        assert!(format!("rp-{node}-{:016x}", u64::MAX).len() <= crate::protocol::MAX_ID_LEN);
+    }
+
+    /// A generated node id is a valid one, and random enough that a fleet's ids do not
+    /// collide (24 bits collided about a dozen times in 20,000 draws).
+    #[test]
+    fn generated_node_ids_are_valid_and_do_not_collide() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20_000 {
+            let id = crate::server::generate_node_id();
+            let mut cfg = Config::default();
+            cfg.server.node_id = id.clone();
+            cfg.validate().unwrap();
+            assert!(seen.insert(id.clone()), "{id} drawn twice");
+        }
     }
 
     #[test]

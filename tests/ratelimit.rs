@@ -2,16 +2,22 @@
 //! a user's connections, honest `retry_after_ms`, no effect for a refused op, the chat,
 //! free-gift, grab and join budgets, anonymous viewers per connection (and per IP only
 //! with `ratelimit.anon_per_ip`), and the per-room chat broadcast budget
-//! `room.max_chat_per_s`.
+//! `room.max_chat_per_s`; and across nodes (Redis), that every unit a node admitted
+//! is charged to the user's budget exactly once.
 
 mod support;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use danmaku_gateway::config::{Config, Rate};
+use danmaku_gateway::config::{Config, Rate, RateLimitConfig, RedisConfig};
+use danmaku_gateway::ratelimit::{Action, Key, RateLimits};
+use danmaku_gateway::redis_link::RedisLink;
 use serde_json::{Value, json};
-use support::{Client, ConnectOpts, Gateway, metric, relax_rate_limits};
+use support::{Client, ConnectOpts, Gateway, RedisServer, metric, relax_rate_limits};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 async fn gateway(edit: impl FnOnce(&mut Config)) -> Gateway {
     Gateway::start_with(|c| {
@@ -451,6 +457,34 @@ async fn join_refused_by_the_ip_budget_spends_no_connection_budget() {
     gw.stop().await;
 }
 
+/// An anonymous connection spamming joins past its own budget must not drain the
+/// per-IP budget: everyone else behind the same (NAT) address keeps theirs.
+#[tokio::test]
+async fn a_spamming_connection_leaves_the_ip_budget_to_its_neighbours() {
+    let gw = gateway(|c| {
+        // Per connection: 1 join, then one per 1000 s.
+        c.ratelimit.join = rate(0.001, 1);
+        // Per IP: 3 joins, then one per 1000 s.
+        c.ratelimit.anon_per_ip = Some(rate(0.001, 3));
+    })
+    .await;
+    let join = |room: &str| json!({"op":"join","room":room});
+    let mut spammer = gw.client("").await;
+    assert_eq!(spammer.call(join("a"), 1).await["op"], "joined");
+    for i in 0..10 {
+        let retry = limited(&spammer.call(join("b"), 10 + i).await, 10 + i);
+        assert!(retry > 900_000, "its own budget refuses: {retry}");
+    }
+    // The address has its two other units, whoever spends them.
+    let mut n1 = gw.client("").await;
+    let mut n2 = gw.client("").await;
+    assert_eq!(n1.call(join("a"), 30).await["op"], "joined");
+    assert_eq!(n2.call(join("a"), 31).await["op"], "joined");
+    let mut n3 = gw.client("").await;
+    limited(&n3.call(join("a"), 32).await, 32);
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // The per-room chat budget
 
@@ -561,4 +595,161 @@ async fn room_chat_budget_is_per_room() {
     assert_eq!(texts(&support::batch_events(&frames, "x")), ["x0", "x1"]);
     assert_eq!(texts(&support::batch_events(&frames, "y")), ["y0", "y1"]);
     gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The cluster-wide budget (Redis): every unit a node admitted is charged
+
+/// Rate limits of one simulated node on `redis`, believing `nodes` nodes are live.
+struct Node {
+    limits: Arc<RateLimits>,
+    stop: CancellationToken,
+}
+
+impl Node {
+    async fn start(redis: &RedisServer, cfg: &RateLimitConfig, nodes: usize) -> Self {
+        let stop = CancellationToken::new();
+        let link = RedisLink::start(
+            RedisConfig {
+                url: redis.url(),
+                ..RedisConfig::default()
+            },
+            &stop,
+            &TaskTracker::new(),
+        );
+        assert!(link.wait_up(Duration::from_secs(5)).await, "redis link up");
+        let limits = RateLimits::clustered(cfg, link, Arc::new(move || nodes));
+        Node { limits, stop }
+    }
+
+    async fn chat(&self, user: &str) -> Result<(), u64> {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        self.limits
+            .check(Action::Chat, &Key::User(user.into()), ip)
+            .await
+            .map_err(|e| e.retry_after_ms.unwrap())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// One unit per 1000 s: nothing refills while a test runs.
+const SLOW_PERIOD_MS: f64 = 1_000_000.0;
+
+fn slow_chat(burst: u32) -> RateLimitConfig {
+    RateLimitConfig {
+        chat: rate(1000.0 / SLOW_PERIOD_MS, burst),
+        ..RateLimitConfig::default()
+    }
+}
+
+/// Units Redis has charged to `user`'s chat budget (its arrival time ahead of now, in
+/// periods; nothing refills within a test).
+fn charged(redis: &RedisServer, user: &str) -> u64 {
+    let tat: f64 = redis
+        .cli(&["GET", &format!("danmaku:rl:chat:{user}")])
+        .parse()
+        .unwrap_or(0.0);
+    let time = redis.cli(&["TIME"]);
+    let mut parts = time.lines().map(|l| l.trim().parse::<f64>().unwrap());
+    let now_ms = parts.next().unwrap() * 1000.0 + parts.next().unwrap() / 1000.0;
+    ((tat - now_ms) / SLOW_PERIOD_MS).round().max(0.0) as u64
+}
+
+/// A user bursting on two nodes at once: each node spends its share of the budget
+/// locally, and a node whose report comes back refused must still have its units charged,
+/// else the user's overdraft is forgotten and every burst gets ~40% over the budget.
+#[tokio::test]
+async fn units_spent_on_two_nodes_are_all_charged_even_when_refused() {
+    const BURST: u64 = 10;
+    let redis = RedisServer::start();
+    let a = Node::start(&redis, &slow_chat(BURST as u32), 2).await;
+    let b = Node::start(&redis, &slow_chat(BURST as u32), 2).await;
+    let mut admitted = 0;
+    let mut refusals = 0;
+    let mut last_retry = 0;
+    // Alternate until both nodes refused a few times in a row.
+    while refusals < 6 {
+        for node in [&a, &b] {
+            match node.chat("alice").await {
+                Ok(()) => {
+                    admitted += 1;
+                    refusals = 0;
+                }
+                Err(retry) => {
+                    refusals += 1;
+                    last_retry = retry;
+                }
+            }
+        }
+        assert!(admitted <= 2 * BURST, "never refused: {admitted}");
+    }
+    a.limits.flush().await;
+    b.limits.flush().await;
+    assert_eq!(
+        charged(&redis, "alice"),
+        admitted,
+        "every admitted unit is charged in Redis"
+    );
+    // The overdraft (units the shares let through past the budget) is paid back first:
+    // the refusal's wait is for one unit after all of them.
+    let debt_ms = (admitted + 1 - BURST) as f64 * SLOW_PERIOD_MS;
+    assert!(
+        (debt_ms - 60_000.0..=debt_ms).contains(&(last_retry as f64)),
+        "retry_after_ms {last_retry} for {admitted} admitted of {BURST}"
+    );
+}
+
+/// A share that expires with units spent from it (the user moved to another node or
+/// stopped) is reported by the sweep, not forgotten.
+#[tokio::test]
+async fn the_sweep_reports_units_of_expired_shares() {
+    let redis = RedisServer::start();
+    let node = Node::start(&redis, &slow_chat(10), 1).await;
+    // The first check asks Redis (1 unit charged) and gets a share of the 9 left.
+    for _ in 0..4 {
+        node.chat("bob").await.unwrap();
+    }
+    assert_eq!(charged(&redis, "bob"), 1, "3 units spent from the share");
+    // Shares live five seconds.
+    tokio::time::sleep(Duration::from_millis(5_200)).await;
+    node.limits.sweep().await;
+    assert_eq!(charged(&redis, "bob"), 4);
+}
+
+/// Many checks for one user at once on one node (small shares, so they are renewed
+/// often and concurrently): no unit is lost or counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_checks_charge_every_unit_once() {
+    let redis = RedisServer::start();
+    // 50 "live nodes": shares of a few units, renewed all the time.
+    let node = Arc::new(Node::start(&redis, &slow_chat(400), 50).await);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let node = Arc::clone(&node);
+            tokio::spawn(async move {
+                let mut admitted = 0u64;
+                for _ in 0..100 {
+                    if node.chat("carol").await.is_ok() {
+                        admitted += 1;
+                    }
+                    // Interleave with the other tasks (as sessions do), so a share is
+                    // being spent by some while others renew it.
+                    tokio::task::yield_now().await;
+                }
+                admitted
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    node.limits.flush().await;
+    assert!(admitted > 0 && admitted <= 400, "{admitted}");
+    assert_eq!(charged(&redis, "carol"), admitted);
 }
