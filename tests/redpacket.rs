@@ -1277,3 +1277,113 @@ async fn grab_storm_broadcast_is_capped_per_window() {
     );
     gw.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// How a packet ended, and telling it after a restart
+
+/// A packet emptied before its deadline ended emptied: its status keeps saying
+/// `expired: false` after the deadline, as its `redpacket_done` did.
+#[tokio::test]
+async fn a_packet_emptied_before_its_deadline_never_reports_expired() {
+    let gw = gateway(|_| {}).await;
+    let mut u = gw.user("emptier", "").await;
+    u.join("emptied").await;
+    let packet = create(&gw, "emptied", 10, 1, Some(1)).await;
+    amount(&u.call(grab_op("emptied", &packet), 1).await, 1);
+    let st = status_at(gw.addr, &packet).await;
+    let expires_at = st["expires_at"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(
+        expires_at.saturating_sub(now_ms()) + 300,
+    ))
+    .await;
+    let st = status_at(gw.addr, &packet).await;
+    assert_eq!(
+        (&st["expired"], &st["remaining"], &st["grabbed"]),
+        (&json!(false), &json!(0), &json!(1)),
+        "{st}"
+    );
+    gw.stop().await;
+}
+
+/// The `redpacket_done` events of `packet` among a room's history.
+async fn done_in_history(p: &Process, watcher: &str, room: &str, packet: &str) -> Vec<Value> {
+    let mut c = p.user(watcher, room).await;
+    let joined = c
+        .call(json!({"op":"join","room":room,"history":100}), 1)
+        .await;
+    assert_eq!(joined["op"], "joined", "{joined}");
+    of_type(joined["history"].as_array().unwrap(), "redpacket_done")
+        .into_iter()
+        .filter(|d| d["packet"] == packet)
+        .collect()
+}
+
+/// A packet that expired while the gateway was down was never announced as ended; the
+/// restarted gateway announces it (once: not again at the next restart).
+#[tokio::test]
+async fn a_packet_that_expired_while_down_is_announced_after_the_restart() {
+    let work = support::temp_dir("down");
+    std::fs::create_dir_all(&work).unwrap();
+    let data: PathBuf = work.join("data");
+    let mut first = Process::start(&work, &data).await;
+    let packet = create_at(first.addr, "down", 30, 3, Some(1)).await;
+    let expires_at = status_at(first.addr, &packet).await["expires_at"]
+        .as_u64()
+        .unwrap();
+    let mut c = first.user("grabber", "down").await;
+    let got = amount(&c.call(grab_op("down", &packet), 1).await, 1);
+    first.kill();
+    tokio::time::sleep(Duration::from_millis(
+        expires_at.saturating_sub(now_ms()) + 200,
+    ))
+    .await;
+
+    let mut second = Process::start(&work, &data).await;
+    let mut done = Vec::new();
+    for i in 0..100 {
+        // A new watcher each time: joins are rate limited per user.
+        done = done_in_history(&second, &format!("w{i}"), "down", &packet).await;
+        if !done.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(
+        (
+            &done[0]["grabbed"],
+            &done[0]["total_grabbed"],
+            &done[0]["expired"]
+        ),
+        (&json!(1), &json!(got), &json!(true)),
+        "{done:?}"
+    );
+    let st = status_at(second.addr, &packet).await;
+    assert_eq!(
+        (&st["expired"], &st["remaining"]),
+        (&json!(true), &json!(2))
+    );
+    // The announcement is journaled before the next restart.
+    let journal = data.join("redpackets.journal");
+    for _ in 0..100 {
+        if std::fs::read_to_string(&journal)
+            .unwrap()
+            .contains("\"t\":\"expired\"")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.kill();
+
+    let third = Process::start(&work, &data).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        done_in_history(&third, "late", "down", &packet)
+            .await
+            .is_empty(),
+        "announced once"
+    );
+    drop(third);
+    let _ = std::fs::remove_dir_all(&work);
+}

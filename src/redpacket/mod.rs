@@ -12,6 +12,11 @@
 //! them in memory with a journal under `data.dir` (embedded mode); a Redis store plugs
 //! in behind the same trait for clusters. The service ([`RedPackets`]) owns what does
 //! not depend on the store: validation, splitting, events, expiry timers.
+//!
+//! A packet's `grab` and `redpacket_done` events go out through [`Announce`], called by
+//! the store: only the store knows the order its grabs and its expiry commit in, and
+//! events published by each caller after the fact could reach the room out of it (a
+//! grab after the `redpacket_done` that counted it).
 
 pub mod journal;
 pub mod local;
@@ -125,6 +130,38 @@ pub struct PacketStatus {
     pub grabs: Vec<GrabRecord>,
 }
 
+/// Where a store announces what it commits: a packet's `grab` and `redpacket_done`
+/// events. Implementations are quick and never block on the store.
+pub trait Announce: Send + Sync + 'static {
+    fn grab(&self, room: &RoomId, packet: &str, user: &User, amount: u64);
+    fn done(&self, room: &RoomId, packet: &str, done: Done);
+}
+
+impl Announce for Hub {
+    fn grab(&self, room: &RoomId, packet: &str, user: &User, amount: u64) {
+        self.publish(
+            room,
+            EventBody::Grab {
+                packet: packet.to_string(),
+                user: user.clone(),
+                amount,
+            },
+        );
+    }
+
+    fn done(&self, room: &RoomId, packet: &str, done: Done) {
+        self.publish(
+            room,
+            EventBody::RedpacketDone {
+                packet: packet.to_string(),
+                grabbed: done.grabbed,
+                total_grabbed: done.total_grabbed,
+                expired: done.expired,
+            },
+        );
+    }
+}
+
 /// Where packets live. Contract for every implementation:
 /// - `grab` gives a user at most one share of a packet, ever, however many connections
 ///   or nodes it grabs from at once; it returns only after the grab is durable;
@@ -149,6 +186,45 @@ pub trait Store: Send + Sync {
     async fn open_in(&self, room: &RoomId) -> Result<Vec<OpenPacket>, StoreError>;
     /// Open packets and their expiry (unix ms), to arm timers after a restart.
     async fn open_packets(&self) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// [`Store::grab`], announcing the grab, and `redpacket_done` if it finished the
+    /// packet. This default announces once `grab` has returned, so concurrent grabs may
+    /// announce out of commit order; a store that can, overrides it to announce at its
+    /// commit point, in commit order, whether or not the caller is still waiting.
+    async fn grab_announced(
+        &self,
+        room: &RoomId,
+        packet: &str,
+        user: &User,
+        announce: Arc<dyn Announce>,
+    ) -> Result<Grabbed, GrabError> {
+        let g = self.grab(room, packet, user).await?;
+        announce.grab(room, packet, user, g.amount);
+        if let Some(done) = g.done {
+            announce.done(room, packet, done);
+        }
+        Ok(g)
+    }
+
+    /// [`Store::expire`], announcing `redpacket_done` if this finished the packet (the
+    /// default looks the packet's room up afterwards; see [`Store::grab_announced`]).
+    async fn expire_announced(
+        &self,
+        packet: &str,
+        announce: Arc<dyn Announce>,
+    ) -> Result<Option<Done>, StoreError> {
+        let done = self.expire(packet).await?;
+        if let Some(d) = done {
+            match self.status(packet).await? {
+                Some(status) => match RoomId::parse(&status.room) {
+                    Ok(room) => announce.done(&room, packet, d),
+                    Err(e) => tracing::error!(packet, error = %e, "packet with an invalid room"),
+                },
+                None => tracing::warn!(packet, "expired packet vanished before its announcement"),
+            }
+        }
+        Ok(done)
+    }
 }
 
 /// A create request from the backend (`POST /api/v1/rooms/{room}/redpackets`).
@@ -175,13 +251,16 @@ pub enum CreateError {
 pub struct RedPackets {
     store: Arc<dyn Store>,
     hub: Hub,
+    /// The hub, as the stores announce grabs and ends through it.
+    announce: Arc<dyn Announce>,
     cfg: RedPacketConfig,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl RedPackets {
-    /// Wraps `store` and arms expiry timers for its open packets (after a restart).
+    /// Wraps `store` and arms expiry timers for its open packets (after a restart; one
+    /// that expired while the gateway was down ends at once, announced to its room).
     ///
     /// # Errors
     /// The store could not list its open packets.
@@ -194,6 +273,7 @@ impl RedPackets {
     ) -> Result<Arc<Self>, StoreError> {
         let me = Arc::new(Self {
             store,
+            announce: Arc::new(hub.clone()),
             hub,
             cfg,
             cancel: cancel.clone(),
@@ -265,23 +345,16 @@ impl RedPackets {
     /// `packet_expired`, `packet_empty`, `busy`) or `internal`.
     pub async fn grab(&self, room: &RoomId, packet: &str, user: &User) -> Result<u64, ProtoError> {
         let started = std::time::Instant::now();
-        let result = self.store.grab(room, packet, user).await;
+        // The store announces the grab (and the packet's end) in commit order.
+        let result = self
+            .store
+            .grab_announced(room, packet, user, Arc::clone(&self.announce))
+            .await;
         ::metrics::histogram!(metrics::REDPACKET_GRAB_SECONDS)
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(g) => {
                 metrics::grab("ok");
-                self.hub.publish(
-                    room,
-                    EventBody::Grab {
-                        packet: packet.to_string(),
-                        user: user.clone(),
-                        amount: g.amount,
-                    },
-                );
-                if let Some(done) = g.done {
-                    self.announce_done(room, packet, done);
-                }
                 Ok(g.amount)
             }
             Err(e) => {
@@ -302,23 +375,11 @@ impl RedPackets {
         self.store.open_in(room).await
     }
 
-    fn announce_done(&self, room: &RoomId, packet: &str, done: Done) {
-        self.hub.publish(
-            room,
-            EventBody::RedpacketDone {
-                packet: packet.to_string(),
-                grabbed: done.grabbed,
-                total_grabbed: done.total_grabbed,
-                expired: done.expired,
-            },
-        );
-    }
-
     /// Expires `packet` at `expires_at` (unix ms), announcing `redpacket_done` if that
     /// finishes it. Timers end with the gateway.
     fn arm_expiry(&self, packet: String, expires_at: u64) {
         let store = Arc::clone(&self.store);
-        let hub = self.hub.clone();
+        let announce = Arc::clone(&self.announce);
         let cancel = self.cancel.clone();
         let delay = Duration::from_millis(expires_at.saturating_sub(now_ms()));
         self.tracker.spawn(async move {
@@ -326,24 +387,8 @@ impl RedPackets {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
-            match store.expire(&packet).await {
-                Ok(Some(done)) => {
-                    if let Ok(Some(status)) = store.status(&packet).await
-                        && let Ok(room) = RoomId::parse(&status.room)
-                    {
-                        hub.publish(
-                            &room,
-                            EventBody::RedpacketDone {
-                                packet,
-                                grabbed: done.grabbed,
-                                total_grabbed: done.total_grabbed,
-                                expired: done.expired,
-                            },
-                        );
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => tracing::error!(packet, error = %e, "expiring packet failed"),
+            if let Err(e) = store.expire_announced(&packet, announce).await {
+                tracing::error!(packet, error = %e, "expiring packet failed");
             }
         });
     }
