@@ -42,6 +42,7 @@ pub const REDPACKETS_CREATED: &str = "danmaku_redpackets_created_total";
 pub const REDPACKET_GRABS: &str = "danmaku_redpacket_grabs_total";
 pub const REDPACKET_GRAB_SECONDS: &str = "danmaku_redpacket_grab_seconds";
 pub const JOURNAL_SYNCS: &str = "danmaku_journal_syncs_total";
+pub const SETTLEMENT_FAILURES: &str = "danmaku_settlement_write_failures_total";
 pub const EDGE_HANDSHAKES: &str = "danmaku_edge_handshakes_total";
 pub const EDGE_HANDSHAKE_SECONDS: &str = "danmaku_edge_handshake_seconds";
 pub const EDGE_HANDSHAKES_IN_FLIGHT: &str = "danmaku_edge_handshakes_in_flight";
@@ -348,4 +349,8 @@ fn describe() {
         "Time from grab received to durable record."
     );
     describe_counter!(JOURNAL_SYNCS, "Journal group commits (one fsync each).");
+    describe_counter!(
+        SETTLEMENT_FAILURES,
+        "Settlement-log writes that failed after the journal committed (retried; reconciled at start)."
+    );
 }

@@ -41,7 +41,7 @@ pub const JOURNAL_FILE: &str = "redpackets.journal";
 pub const SETTLEMENT_FILE: &str = "settlement.jsonl";
 /// Settlement writes that failed after their grabs were committed (the lines are retried
 /// with the next batch, and re-created from the journal at the next open).
-pub const SETTLEMENT_FAILURES: &str = "danmaku_settlement_write_failures_total";
+pub use crate::metrics::SETTLEMENT_FAILURES;
 
 /// Records queued at most; appenders wait beyond it (backpressure, bounded memory).
 const QUEUE: usize = 65_536;

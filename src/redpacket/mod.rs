@@ -162,6 +162,14 @@ impl Announce for Hub {
     }
 }
 
+/// A packet a [`Store::sweep`] finished, whose `redpacket_done` the caller announces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub room: RoomId,
+    pub packet: String,
+    pub done: Done,
+}
+
 /// Where packets live. Contract for every implementation:
 /// - `grab` gives a user at most one share of a packet, ever, however many connections
 ///   or nodes it grabs from at once; it returns only after the grab is durable;
@@ -225,6 +233,19 @@ pub trait Store: Send + Sync {
         }
         Ok(done)
     }
+
+    /// How often [`Store::sweep`] must run on this node; `None` (the default): never,
+    /// for a store whose packets all have a timer on this node.
+    fn sweep_every(&self) -> Option<Duration> {
+        None
+    }
+    /// Finishes packets that are due but that no timer finished (their creating node is
+    /// gone, or the store was down at expiry; a last grab nobody announced), and returns
+    /// those whose `redpacket_done` this call won — one caller per packet across every
+    /// node. Failures are the store's to log: the next sweep retries.
+    async fn sweep(&self) -> Vec<Finished> {
+        Vec::new()
+    }
 }
 
 /// A create request from the backend (`POST /api/v1/rooms/{room}/redpackets`).
@@ -281,6 +302,9 @@ impl RedPackets {
         });
         for (packet, expires_at) in me.store.open_packets().await? {
             me.arm_expiry(packet, expires_at);
+        }
+        if let Some(every) = me.store.sweep_every() {
+            me.spawn_sweeper(every);
         }
         Ok(me)
     }
@@ -389,6 +413,35 @@ impl RedPackets {
             }
             if let Err(e) = store.expire_announced(&packet, announce).await {
                 tracing::error!(packet, error = %e, "expiring packet failed");
+            }
+        });
+    }
+
+    /// Runs [`Store::sweep`] every `every` to `2 × every` (jittered, so nodes do not
+    /// sweep in lockstep) and announces what it finished. Ends with the gateway.
+    fn spawn_sweeper(&self, every: Duration) {
+        let store = Arc::clone(&self.store);
+        let hub = self.hub.clone();
+        let cancel = self.cancel.clone();
+        let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.tracker.spawn(async move {
+            loop {
+                let wait = Duration::from_millis(every_ms + rand::random_range(0..every_ms));
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                for f in store.sweep().await {
+                    hub.publish(
+                        &f.room,
+                        EventBody::RedpacketDone {
+                            packet: f.packet,
+                            grabbed: f.done.grabbed,
+                            total_grabbed: f.done.total_grabbed,
+                            expired: f.done.expired,
+                        },
+                    );
+                }
             }
         });
     }
