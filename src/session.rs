@@ -147,7 +147,7 @@ impl Session {
             queue: outbound,
         };
         if let Some(room) = room {
-            let reply = out.pump(ws, self.join(room, 0)).await?;
+            let reply = out.pump(ws, Box::pin(self.join(room, 0))).await?;
             self.reply(ws, reply, None).await?;
         }
 
@@ -226,7 +226,9 @@ impl Session {
         let reference = frame.reference;
         let reply = match frame.op {
             ClientOp::Ping => Ok(Reply::Pong),
-            op => out.pump(ws, self.dispatch(op)).await?,
+            // Boxed: the op and the queue writes run side by side inside `pump`, and an
+            // inline op would add its size to every idle connection's task.
+            op => out.pump(ws, Box::pin(self.dispatch(op))).await?,
         };
         self.reply(ws, reply, reference).await
     }
