@@ -376,6 +376,18 @@ impl Hub {
             entry.per_shard[shard].fetch_add(1, Ordering::AcqRel);
             (Arc::clone(&entry), prev == 0)
         };
+        if first {
+            // Subscribe first, then read what the other nodes published before: an
+            // event in between is then in the history read or delivered live.
+            self.0.backplane.interest(room);
+            let earlier = self.0.backplane.recent(room, self.0.cfg.history_len).await;
+            if !earlier.is_empty() {
+                r.state
+                    .lock()
+                    .expect("room lock")
+                    .seed_history(earlier, self.0.cfg.history_len);
+            }
+        }
         let (done, registered) = oneshot::channel();
         let sent = self.0.shards[shard]
             .send_async(ShardCmd::Join {
@@ -393,9 +405,6 @@ impl Hub {
             }
         };
         metrics::hot().room_members.increment(1.0);
-        if first {
-            self.0.backplane.interest(room);
-        }
         // The first local member of a room: other nodes' counts are not synced here yet.
         let remote = if first {
             self.0.backplane.online_elsewhere(room).await
@@ -730,6 +739,26 @@ impl Hub {
 }
 
 impl RoomState {
+    /// Merges the room's history as the cluster kept it (`earlier`, oldest first) into
+    /// what this node holds: each event once (by id), in time order, the newest `cap`.
+    fn seed_history(&mut self, earlier: Vec<Event>, cap: usize) {
+        let mut merged: Vec<Arc<Event>> = Vec::with_capacity(earlier.len() + self.history.len());
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for e in earlier
+            .into_iter()
+            .map(Arc::new)
+            .chain(self.history.drain(..))
+        {
+            if seen.insert(e.id.clone()) {
+                merged.push(e);
+            }
+        }
+        // Stable: events of one millisecond keep the cluster's order, then this node's.
+        merged.sort_by_key(|e| e.ts);
+        let skip = merged.len().saturating_sub(cap);
+        self.history = merged.into_iter().skip(skip).collect();
+    }
+
     /// The last `n` history events, oldest first.
     fn recent(&self, n: usize) -> Vec<Arc<Event>> {
         let skip = self.history.len().saturating_sub(n);

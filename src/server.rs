@@ -126,6 +126,8 @@ pub async fn run(
                 cfg.redis.clone(),
                 cfg.presence.clone(),
                 Arc::clone(link),
+                cfg.room.history_len,
+                Duration::from_secs(cfg.room.idle_ttl_s.max(1)),
             );
             (bp.clone(), Some(bp))
         }

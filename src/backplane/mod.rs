@@ -11,6 +11,10 @@
 //! [`Backplane::publish`] from its flusher with the window's local events), never once
 //! per message or per connection: a hot room costs Redis O(nodes / window).
 //!
+//! A room's recent events are also kept where every node can read them
+//! ([`Backplane::recent`]), so the first viewer of a room on a node gets the room's
+//! history in `joined`, not only what this node happened to see.
+//!
 //! [`Local`] is the single-node backplane (nothing to join); [`redis::RedisBackplane`]
 //! uses Redis pub/sub (sharded pub/sub on a cluster).
 
@@ -43,6 +47,12 @@ pub trait Backplane: Send + Sync {
     /// ask about a room this node holds no members of).
     async fn online_elsewhere(&self, room: &RoomId) -> u64 {
         self.remote_online(room)
+    }
+    /// The room's last `n` events (oldest first) as every node published them, for a node
+    /// that has just got its first member of `room` and so has not been receiving them.
+    /// Best effort: empty when unreachable.
+    async fn recent(&self, _room: &RoomId, _n: usize) -> Vec<Event> {
+        Vec::new()
     }
     /// Whether the backplane can reach the other nodes right now.
     fn is_up(&self) -> bool;

@@ -15,6 +15,11 @@
 //!   every room it holds. An unsubscribe it did not ask for (a cluster moving a slot
 //!   sends SUNSUBSCRIBE for the slot's shard channels) is answered by subscribing again
 //!   where the channel lives now;
+//! - with each envelope the publisher also appends the window's events to the room's
+//!   **history list** (`danmaku:history:{room}`, one Lua call: push, trim to
+//!   `room.history_len`, expire after `room.idle_ttl_s`), which a node reads when it
+//!   gets a room's first local member: one more command per room per window per node,
+//!   still never one per message;
 //! - the **presence** task writes this node's per-room counts to
 //!   `danmaku:presence:{room}` (a hash, field = incarnation) and a heartbeat to the
 //!   `danmaku:nodes` sorted set, then sums the other live nodes' counts; a node whose
@@ -68,6 +73,21 @@ pub fn channel(room: &RoomId) -> String {
     format!("{CHANNEL_PREFIX}{room}")
 }
 
+pub fn history_key(room: &RoomId) -> String {
+    format!("danmaku:history:{room}")
+}
+
+/// Appends events (ARGV[3..]) to a room's history list, keeps the last ARGV[1], and
+/// lets the list expire ARGV[2] ms after the room's last event.
+const HISTORY_APPEND: &str = r"
+for i = 3, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
 pub fn presence_key(room: &RoomId) -> String {
     format!("danmaku:presence:{room}")
 }
@@ -96,6 +116,8 @@ struct EnvelopeOut<'a> {
 struct Outgoing {
     channel: String,
     payload: Bytes,
+    /// The history-list append of the same window (none when nothing is kept).
+    history: Option<redis::Cmd>,
     queued: Instant,
 }
 
@@ -193,14 +215,22 @@ pub struct RedisBackplane {
     subscribed_up: AtomicBool,
     /// Live nodes (this one included) at the last presence sync.
     live_nodes: AtomicUsize,
+    /// Events per room kept in the Redis history list (`room.history_len`).
+    history_len: usize,
+    /// How long a room's history list outlives its last event (`room.idle_ttl_s`).
+    history_ttl: Duration,
 }
 
 impl RedisBackplane {
+    /// `history_len` events per room are kept in Redis for other nodes' joiners, for
+    /// `history_ttl` after the room's last event.
     pub fn new(
         node: Arc<str>,
         cfg: RedisConfig,
         presence_cfg: PresenceConfig,
         link: Arc<RedisLink>,
+        history_len: usize,
+        history_ttl: Duration,
     ) -> Arc<Self> {
         let (outbox, outbox_rx) = flume::bounded(cfg.publish_queue);
         let (interest, interest_rx) = flume::bounded(65_536);
@@ -217,7 +247,34 @@ impl RedisBackplane {
             remote: DashMap::new(),
             subscribed_up: AtomicBool::new(false),
             live_nodes: AtomicUsize::new(1),
+            history_len,
+            history_ttl,
         })
+    }
+
+    /// The EVAL that appends the window's history events of `room` (the last
+    /// `history_len` of them), if any.
+    fn history_append(&self, room: &RoomId, events: &[Arc<Event>]) -> Option<redis::Cmd> {
+        let keep = self.history_len;
+        let kept: Vec<&Arc<Event>> = events.iter().filter(|e| e.body.in_history()).collect();
+        if keep == 0 || kept.is_empty() {
+            return None;
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(HISTORY_APPEND)
+            .arg(1)
+            .arg(history_key(room))
+            .arg(keep)
+            .arg(self.history_ttl.as_millis() as u64);
+        for e in &kept[kept.len().saturating_sub(keep)..] {
+            match rmp_serde::to_vec_named(&***e) {
+                Ok(b) => {
+                    cmd.arg(b);
+                }
+                Err(e) => tracing::error!(error = %e, "encoding a history event"),
+            }
+        }
+        Some(cmd)
     }
 
     /// Live gateway nodes (at least this one), as of the last presence sync.
@@ -258,14 +315,13 @@ impl RedisBackplane {
             if batch.is_empty() {
                 continue;
             }
-            let cmds: Vec<redis::Cmd> = batch
-                .iter()
-                .map(|m| {
-                    let mut c = redis::cmd(conn.publish_cmd());
-                    c.arg(&m.channel).arg(m.payload.as_ref());
-                    c
-                })
-                .collect();
+            let mut cmds: Vec<redis::Cmd> = Vec::with_capacity(batch.len() * 2);
+            for m in &batch {
+                let mut c = redis::cmd(conn.publish_cmd());
+                c.arg(&m.channel).arg(m.payload.as_ref());
+                cmds.push(c);
+                cmds.extend(m.history.clone());
+            }
             match conn.run_all(&cmds).await {
                 Ok(_) => ::metrics::counter!(PUBLISHED).increment(batch.len() as u64),
                 Err(e) => {
@@ -696,6 +752,7 @@ impl Backplane for RedisBackplane {
         let out = Outgoing {
             channel: channel(room),
             payload,
+            history: self.history_append(room, events),
             queued: Instant::now(),
         };
         if self.outbox.try_send(out).is_err() {
@@ -710,6 +767,31 @@ impl Backplane for RedisBackplane {
 
     fn remote_online(&self, room: &RoomId) -> u64 {
         self.remote.get(room).map_or(0, |n| *n)
+    }
+
+    async fn recent(&self, room: &RoomId, n: usize) -> Vec<Event> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let Some(mut conn) = self.link.conn() else {
+            return Vec::new();
+        };
+        let cmd = redis::cmd("LRANGE")
+            .arg(history_key(room))
+            .arg(-(n as i64))
+            .arg(-1)
+            .to_owned();
+        let raw: Vec<Vec<u8>> = match conn.run_all(&[cmd]).await {
+            Ok(mut replies) => redis::from_redis_value(replies.remove(0)).unwrap_or_default(),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a room's history failed");
+                ::metrics::counter!(ERRORS, "op" => "history").increment(1);
+                return Vec::new();
+            }
+        };
+        raw.iter()
+            .filter_map(|b| rmp_serde::from_slice::<Event>(b).ok())
+            .collect()
     }
 
     async fn online_elsewhere(&self, room: &RoomId) -> u64 {
