@@ -59,16 +59,32 @@ pub enum JoinError {
 /// The part of a connection that shards need: its format, its bounded outbound queue,
 /// and a way to ask its session to close. Shared by the session and every shard it is a
 /// member on.
+///
+/// The queue is a `VecDeque` under a std mutex plus a `Notify`, not a channel: a
+/// channel's async receive allocates a waker hook each time it waits, i.e. once per
+/// delivered frame, while a `Notified` future lives in the session's own task. An idle
+/// connection's queue holds no allocation at all.
 pub struct Conn {
     pub id: ConnId,
     pub format: Format,
-    /// Bounded: the slow-consumer policy applies when it is full.
-    tx: flume::Sender<Outbound>,
+    /// Bounded by `cap`: the slow-consumer policy applies when it is full.
+    queue: Mutex<OutQueue>,
+    cap: usize,
+    /// Wakes the session when a frame is queued; `notify_one` keeps a permit, so a push
+    /// that lands before the session waits is not lost.
+    queued: Notify,
     /// Close code requested by a shard (0 = none); the session reads it when notified.
     close: AtomicU16,
     /// Wakes the session when `close` is set; `notify_one` keeps a permit, so a kill that
     /// lands before the session waits is not lost.
     notify: Notify,
+}
+
+/// A connection's pending frames; `closed` once its session has ended.
+#[derive(Default)]
+struct OutQueue {
+    frames: VecDeque<Outbound>,
+    closed: bool,
 }
 
 /// One frame in a member's outbound queue.
@@ -88,33 +104,63 @@ pub enum Push {
 }
 
 impl Conn {
-    /// A connection and the receiving end of its outbound queue (capacity `queue`).
-    pub fn new(id: ConnId, format: Format, queue: usize) -> (Arc<Conn>, flume::Receiver<Outbound>) {
-        let (tx, rx) = flume::bounded(queue);
-        let conn = Arc::new(Conn {
+    /// A connection whose outbound queue holds at most `queue` frames.
+    pub fn new(id: ConnId, format: Format, queue: usize) -> Arc<Conn> {
+        Arc::new(Conn {
             id,
             format,
-            tx,
+            queue: Mutex::new(OutQueue::default()),
+            cap: queue.max(1),
+            queued: Notify::new(),
             close: AtomicU16::new(0),
             notify: Notify::new(),
-        });
-        (conn, rx)
+        })
     }
 
     /// Queues `msg` without waiting; applies the slow-consumer policy when full.
     pub fn push(&self, msg: &Message, accepted: Instant, droppable: bool) -> Push {
-        match self.tx.try_send(Outbound {
-            msg: msg.clone(),
-            accepted,
-        }) {
-            Ok(()) => Push::Queued,
-            Err(flume::TrySendError::Disconnected(_)) => Push::Gone,
-            Err(flume::TrySendError::Full(_)) if droppable => Push::Dropped,
-            Err(flume::TrySendError::Full(_)) => {
-                self.kill(CloseCode::SlowConsumer);
-                Push::Killed
+        {
+            let mut q = self.queue.lock().expect("outbound lock");
+            if q.closed {
+                return Push::Gone;
             }
+            if q.frames.len() >= self.cap {
+                drop(q);
+                if droppable {
+                    return Push::Dropped;
+                }
+                self.kill(CloseCode::SlowConsumer);
+                return Push::Killed;
+            }
+            q.frames.push_back(Outbound {
+                msg: msg.clone(),
+                accepted,
+            });
         }
+        self.queued.notify_one();
+        Push::Queued
+    }
+
+    /// The oldest queued frame, if any.
+    pub fn try_next(&self) -> Option<Outbound> {
+        self.queue.lock().expect("outbound lock").frames.pop_front()
+    }
+
+    /// The oldest queued frame, waiting for one. Only the connection's session calls it.
+    pub async fn next(&self) -> Outbound {
+        loop {
+            if let Some(out) = self.try_next() {
+                return out;
+            }
+            self.queued.notified().await;
+        }
+    }
+
+    /// The session has ended: refuse further frames and free the queued ones.
+    pub fn close_queue(&self) {
+        let mut q = self.queue.lock().expect("outbound lock");
+        q.closed = true;
+        q.frames = VecDeque::new();
     }
 
     /// Asks the session to close with `code`; the first request wins.
@@ -842,5 +888,61 @@ async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: CancellationToken)
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(n: u8) -> Message {
+        Message::Binary(vec![n].into())
+    }
+
+    fn payload(o: &Outbound) -> u8 {
+        match &o.msg {
+            Message::Binary(b) => b[0],
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_droppable_frames_and_kills_for_the_rest() {
+        let conn = Conn::new(1, Format::Msgpack, 2);
+        let now = Instant::now();
+        assert_eq!(conn.push(&msg(1), now, false), Push::Queued);
+        assert_eq!(conn.push(&msg(2), now, true), Push::Queued);
+        assert_eq!(conn.push(&msg(3), now, true), Push::Dropped);
+        assert_eq!(conn.push(&msg(4), now, false), Push::Killed);
+        let code = tokio::time::timeout(Duration::from_secs(1), conn.killed())
+            .await
+            .expect("killed resolves");
+        assert_eq!(code, CloseCode::SlowConsumer);
+        // What was queued before the overflow is still there, in order.
+        assert_eq!(payload(&conn.next().await), 1);
+        assert_eq!(payload(&conn.try_next().unwrap()), 2);
+        assert!(conn.try_next().is_none());
+    }
+
+    #[tokio::test]
+    async fn next_waits_for_a_push_and_a_closed_queue_refuses() {
+        let conn = Conn::new(2, Format::Json, 4);
+        let waiter = {
+            let conn = Arc::clone(&conn);
+            tokio::spawn(async move { payload(&conn.next().await) })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(conn.push(&msg(7), Instant::now(), true), Push::Queued);
+        let got = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(got, 7);
+        // A push before anyone waits is not lost either (the permit is kept).
+        assert_eq!(conn.push(&msg(8), Instant::now(), true), Push::Queued);
+        assert_eq!(payload(&conn.next().await), 8);
+        conn.close_queue();
+        assert_eq!(conn.push(&msg(9), Instant::now(), false), Push::Gone);
+        assert!(conn.try_next().is_none());
     }
 }

@@ -81,7 +81,7 @@ struct Session {
 /// Serves one upgraded connection until it ends; leaves its rooms on the way out.
 pub async fn run(mut ws: WebSocket, shared: Arc<Shared>, params: Params) {
     let id = shared.next_conn_id();
-    let (conn, outbound) = Conn::new(id, params.format, shared.cfg.limits.outbound_queue);
+    let conn = Conn::new(id, params.format, shared.cfg.limits.outbound_queue);
     let hot = metrics::hot();
     hot.connections.increment(1.0);
     hot.connections_opened.increment(1);
@@ -101,7 +101,7 @@ pub async fn run(mut ws: WebSocket, shared: Arc<Shared>, params: Params) {
         last_seen: Instant::now(),
         heartbeat,
     };
-    let end = match session.serve(&mut ws, &outbound, params.room).await {
+    let end = match session.serve(&mut ws, params.room).await {
         Ok(()) => End::Peer,
         Err(end) => end,
     };
@@ -117,6 +117,7 @@ pub async fn run(mut ws: WebSocket, shared: Arc<Shared>, params: Params) {
         }
         End::Error => CloseReason::Error,
     };
+    session.conn.close_queue();
     session.leave_all().await;
     hot.connections.decrement(1.0);
     hot.closed(reason).increment(1);
@@ -124,12 +125,7 @@ pub async fn run(mut ws: WebSocket, shared: Arc<Shared>, params: Params) {
 }
 
 impl Session {
-    async fn serve(
-        &mut self,
-        ws: &mut WebSocket,
-        outbound: &flume::Receiver<Outbound>,
-        room: Option<RoomId>,
-    ) -> Result<(), End> {
+    async fn serve(&mut self, ws: &mut WebSocket, room: Option<RoomId>) -> Result<(), End> {
         let conn_label = format!("{}:{}", self.shared.hub.node(), self.conn.id);
         let hello = ServerFrame::Hello {
             conn: &conn_label,
@@ -144,7 +140,6 @@ impl Session {
         let out = Out {
             conn: &conn,
             heartbeat: self.heartbeat,
-            queue: outbound,
         };
         if let Some(room) = room {
             let reply = out.pump(ws, Box::pin(self.join(room, 0))).await?;
@@ -184,10 +179,7 @@ impl Session {
                         Err(e) => return Err(read_error(e)),
                     }
                 }
-                first = outbound.recv_async() => {
-                    let Ok(first) = first else { return Err(End::Error) };
-                    out.write_queued(ws, first).await?;
-                }
+                first = conn.next() => out.write_queued(ws, first).await?,
                 _ = &mut idle => {
                     let deadline = self.last_seen + 2 * self.heartbeat;
                     if deadline <= Instant::now() {
@@ -439,7 +431,6 @@ impl Session {
 struct Out<'a> {
     conn: &'a Conn,
     heartbeat: Duration,
-    queue: &'a flume::Receiver<Outbound>,
 }
 
 impl Out<'_> {
@@ -455,8 +446,7 @@ impl Out<'_> {
                 biased;
                 out = &mut op => return Ok(out),
                 code = self.conn.killed() => break End::Close(code),
-                first = self.queue.recv_async() => {
-                    let Ok(first) = first else { break End::Error };
+                first = self.conn.next() => {
                     if let Err(end) = self.write_queued(ws, first).await {
                         break end;
                     }
@@ -477,7 +467,7 @@ impl Out<'_> {
         guarded(self.conn, self.heartbeat, async {
             ws.feed(first.msg).await?;
             while (frames as usize) < MAX_FRAMES_PER_FLUSH {
-                let Ok(next) = self.queue.try_recv() else {
+                let Some(next) = self.conn.try_next() else {
                     break;
                 };
                 bytes += payload_len(&next.msg);
