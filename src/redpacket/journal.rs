@@ -333,9 +333,28 @@ impl Files {
         let (tx, rx) = flume::bounded(QUEUE);
         std::thread::Builder::new()
             .name("redpacket-journal".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                let _fail_stop = AbortOnUnwind;
+                writer.run(rx)
+            })
             .map_err(io_err(&self.dir))?;
         Ok(Journal { tx })
+    }
+}
+
+/// Ends the process if the writer thread unwinds. Its callers would otherwise wait for
+/// ever on answers that never come, their reservations never settle, and the store's
+/// lock may be poisoned; a restart rebuilds a consistent state from the journal.
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                "the red-packet journal writer panicked; aborting so a restart replays the journal"
+            );
+            std::process::abort();
+        }
     }
 }
 

@@ -313,7 +313,11 @@ impl RedPackets {
     ///
     /// # Errors
     /// [`CreateError::Invalid`] naming the field; [`CreateError::Store`].
-    pub async fn create(&self, room: &RoomId, req: CreateRequest) -> Result<String, CreateError> {
+    pub async fn create(
+        self: &Arc<Self>,
+        room: &RoomId,
+        req: CreateRequest,
+    ) -> Result<String, CreateError> {
         let invalid = |m: &str| Err(CreateError::Invalid(m.into()));
         if req.shares == 0 || req.shares > MAX_SHARES {
             return invalid("shares: must be 1..=100000");
@@ -355,10 +359,23 @@ impl RedPackets {
             expires_at: packet.expires_at,
         };
         let expires_at = packet.expires_at;
-        self.store.create(packet).await?;
-        ::metrics::counter!(metrics::REDPACKETS_CREATED).increment(1);
-        self.hub.publish(room, event);
-        self.arm_expiry(id.clone(), expires_at);
+        // Stored, announced and armed in a task of its own: a caller that goes away
+        // mid-way (an HTTP client timing out) must not leave a packet that is durable
+        // but unannounced and without a timer, to reappear grabbable at the next start.
+        let me = Arc::clone(self);
+        let room = room.clone();
+        let task_id = id.clone();
+        let commit = self.tracker.spawn(async move {
+            me.store.create(packet).await?;
+            ::metrics::counter!(metrics::REDPACKETS_CREATED).increment(1);
+            me.hub.publish(&room, event);
+            me.arm_expiry(task_id, expires_at);
+            Ok::<(), StoreError>(())
+        });
+        match commit.await {
+            Ok(stored) => stored?,
+            Err(e) => return Err(StoreError(format!("creating the packet: {e}")).into()),
+        }
         Ok(id)
     }
 
@@ -444,5 +461,84 @@ impl RedPackets {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::Local;
+    use crate::config::RoomConfig;
+    use crate::redpacket::local::LocalStore;
+
+    /// A create whose caller goes away after the first poll (an HTTP client timing out)
+    /// still finishes whole: stored, announced, listed, with its timer.
+    #[tokio::test]
+    async fn a_create_abandoned_by_its_caller_still_finishes() {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let hub = Hub::start(
+            Arc::from("t"),
+            RoomConfig::default(),
+            1,
+            Arc::new(Local),
+            &cancel,
+            &tracker,
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "danmaku-create-abandoned-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let store = Arc::new(LocalStore::open(&dir, 100, 3600).unwrap());
+        let rp = RedPackets::start(
+            store,
+            hub.clone(),
+            RedPacketConfig::default(),
+            &cancel,
+            &tracker,
+        )
+        .await
+        .unwrap();
+        let room = RoomId::parse("r").unwrap();
+        let req = CreateRequest {
+            total: 100,
+            shares: 3,
+            sender: User {
+                id: "boss".into(),
+                name: "Boss".into(),
+            },
+            expires_in_s: Some(60),
+        };
+        // Polled once, then dropped: the journal append is still in flight.
+        let abandoned = tokio::time::timeout(Duration::from_millis(0), rp.create(&room, req)).await;
+        assert!(
+            abandoned.is_err(),
+            "the create had not finished at its first poll"
+        );
+        let mut open = Vec::new();
+        for _ in 0..100 {
+            open = rp.open_in(&room).await.unwrap();
+            if !open.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(open.len(), 1, "the packet is open and listed");
+        // The event is in the room's history once its window is flushed.
+        let mut told = false;
+        for _ in 0..100 {
+            told = hub
+                .history(&room, 10)
+                .iter()
+                .any(|e| matches!(e.body, EventBody::Redpacket { .. }));
+            if told {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(told, "the room was told");
+        cancel.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
