@@ -275,6 +275,9 @@ struct RoomState {
     /// Set by the idle sweep as it drops the room from the registry: a publisher that
     /// found the room just before must retry on the live one, or its event is lost.
     removed: bool,
+    /// Ids of events put into `history` from the backplane's list rather than received
+    /// live; one that then also arrives live is not kept or delivered twice.
+    seeded: std::collections::HashSet<String>,
 }
 
 /// What a successful join returns for the `joined` reply.
@@ -311,6 +314,8 @@ struct Inner {
     dirty: Box<[Mutex<Vec<Arc<Room>>>]>,
     hasher: std::collections::hash_map::RandomState,
     seq: AtomicU64,
+    /// `{node}-{start ms, hex}`: see [`Hub::next_id`].
+    id_prefix: Box<str>,
     backplane: Arc<dyn Backplane>,
 }
 
@@ -333,6 +338,7 @@ impl Hub {
             senders.push(tx);
             inboxes.push(rx);
         }
+        let id_prefix = format!("{node}-{:x}", now_ms()).into();
         let hub = Hub(Arc::new(Inner {
             node,
             cfg,
@@ -341,6 +347,7 @@ impl Hub {
             dirty: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
             hasher: Default::default(),
             seq: AtomicU64::new(0),
+            id_prefix,
             backplane,
         }));
         for (i, rx) in inboxes.into_iter().enumerate() {
@@ -392,6 +399,7 @@ impl Hub {
                     gifts_in_window: 0,
                     flushed: 0,
                     removed: false,
+                    seeded: Default::default(),
                 }),
             })
         })
@@ -422,18 +430,26 @@ impl Hub {
             entry.per_shard[shard].fetch_add(1, Ordering::AcqRel);
             (Arc::clone(&entry), prev == 0)
         };
-        if first {
-            // Subscribe first, then read what the other nodes published before: an
-            // event in between is then in the history read or delivered live.
+        // Everything that waits on the backplane happens before the shard registers the
+        // member: from then on its batches may be written, and `joined` must come first.
+        let remote = if first {
+            // Subscribe first, then read what the other nodes published before.
             self.0.backplane.interest(room);
-            let earlier = self.0.backplane.recent(room, self.0.cfg.history_len).await;
+            let bp = &self.0.backplane;
+            let (earlier, remote) = tokio::join!(
+                bp.recent(room, self.0.cfg.history_len),
+                bp.online_elsewhere(room)
+            );
             if !earlier.is_empty() {
                 r.state
                     .lock()
                     .expect("room lock")
                     .seed_history(earlier, self.0.cfg.history_len);
             }
-        }
+            remote
+        } else {
+            self.0.backplane.remote_online(room)
+        };
         let (done, registered) = oneshot::channel();
         let sent = self.0.shards[shard]
             .send_async(ShardCmd::Join {
@@ -451,12 +467,6 @@ impl Hub {
             }
         };
         metrics::hot().room_members.increment(1.0);
-        // The first local member of a room: other nodes' counts are not synced here yet.
-        let remote = if first {
-            self.0.backplane.online_elsewhere(room).await
-        } else {
-            self.0.backplane.remote_online(room)
-        };
         r.state.lock().expect("room lock").last_active = Instant::now();
         Ok(Joined {
             online: r.online.load(Ordering::Acquire) + remote,
@@ -507,10 +517,12 @@ impl Hub {
         self.0.rooms.len()
     }
 
-    /// A fresh cluster-unique event id.
+    /// A fresh cluster-unique event id: node, this process's start, sequence. The start
+    /// keeps ids unique across restarts of a node with a fixed `server.node_id`, whose
+    /// earlier events may still be in a room's history.
     fn next_id(&self) -> String {
         let n = self.0.seq.fetch_add(1, Ordering::Relaxed);
-        format!("{}-{n}", self.0.node)
+        format!("{}-{n}", self.0.id_prefix)
     }
 
     /// Accepts an event for `room`: it goes out with the room's next batch. Returns the
@@ -630,6 +642,9 @@ impl Hub {
         }
         st.last_active = Instant::now();
         for e in events {
+            if !st.seeded.is_empty() && st.seeded.remove(&e.id) {
+                continue;
+            }
             // The same bound as local publishing: a stalled flusher must not let remote
             // chat grow the window without limit.
             if e.body.droppable() && st.pending.len() >= self.0.cfg.max_pending {
@@ -789,12 +804,21 @@ impl RoomState {
     /// what this node holds: each event once (by id), in time order, the newest `cap`.
     fn seed_history(&mut self, earlier: Vec<Event>, cap: usize) {
         let mut merged: Vec<Arc<Event>> = Vec::with_capacity(earlier.len() + self.history.len());
-        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
-        for e in earlier
-            .into_iter()
-            .map(Arc::new)
-            .chain(self.history.drain(..))
-        {
+        // Events already waiting in this window go out (and into history) with it.
+        let mut seen: std::collections::HashSet<String> =
+            self.pending.iter().map(|e| e.id.clone()).collect();
+        let local: std::collections::HashSet<String> =
+            self.history.iter().map(|e| e.id.clone()).collect();
+        self.seeded.clear();
+        for e in earlier {
+            if seen.insert(e.id.clone()) {
+                if !local.contains(&e.id) {
+                    self.seeded.insert(e.id.clone());
+                }
+                merged.push(Arc::new(e));
+            }
+        }
+        for e in self.history.drain(..) {
             if seen.insert(e.id.clone()) {
                 merged.push(e);
             }

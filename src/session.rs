@@ -257,11 +257,14 @@ impl Session {
                 ),
             ));
         }
+        // Read before joining: once the hub has registered us, the room's batches may be
+        // written, and nothing may wait between that and the `joined` reply.
+        let redpackets = self.open_packets(&room).await;
         match hub.join(&room, &self.conn, history).await {
             Ok(joined) => {
                 self.rooms.push(room.clone());
                 Ok(Reply::Joined {
-                    redpackets: self.open_packets(&room).await,
+                    redpackets,
                     room,
                     online: joined.online,
                     history: joined.history,

@@ -95,3 +95,61 @@ async fn first_viewer_on_another_node_gets_the_rooms_history() {
     a.stop().await;
     b.stop().await;
 }
+
+/// `joined` is the first frame of a room a joiner gets: nothing the join waits on
+/// (open red packets, other nodes' counts and history in Redis) lets a `batch` of the
+/// room overtake it.
+#[tokio::test]
+async fn joined_comes_before_the_rooms_batches() {
+    let redis = RedisServer::start();
+    let node = redis_node(&redis.url(), "node-a", |c| {
+        relax_rate_limits(c);
+        c.room.batch_ms = 5;
+    })
+    .await;
+    let (status, body) = node
+        .api(
+            "POST",
+            "/api/v1/rooms/busy/redpackets",
+            Some(&json!({"total": 500, "shares": 5, "sender": {"id":"boss","name":"Boss"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let feeder = {
+        let addr = node.addr;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let body = json!({"type":"system","text":"tick"}).to_string();
+                support::http(
+                    addr,
+                    "POST",
+                    "/api/v1/rooms/busy/events",
+                    Some(support::API_TOKEN),
+                    Some(&body),
+                )
+                .await;
+            }
+        })
+    };
+    for round in 0..40 {
+        let mut c = node.client("").await;
+        c.send(json!({"op":"join","room":"busy","ref":1})).await;
+        loop {
+            let v = c.recv().await;
+            assert!(
+                !(v["op"] == "batch" && v["room"] == "busy"),
+                "round {round}: a batch of the room came before `joined`: {v}"
+            );
+            if v["op"] == "joined" {
+                assert_eq!(v["redpackets"].as_array().unwrap().len(), 1, "{v}");
+                break;
+            }
+        }
+        c.close().await;
+    }
+    stop.cancel();
+    feeder.await.unwrap();
+    node.stop().await;
+}

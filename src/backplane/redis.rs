@@ -513,6 +513,14 @@ impl RedisBackplane {
         if !subscribed.remove(&room) {
             return Ok(());
         }
+        if hub.local_online(&room) == 0 {
+            // Not wanted (any more). This may be our own confirmation that overtook a
+            // re-subscribe of the same room: unsubscribe again so Redis agrees with the
+            // set. Harmless when it already does (its confirmation finds no entry).
+            conn.unsubscribe(&channel(&room)).await?;
+            ::metrics::gauge!(SUBSCRIPTIONS).set(subscribed.len() as f64);
+            return Ok(());
+        }
         tracing::info!(%room, "redis dropped a room subscription; subscribing again");
         self.reconcile(hub, conn, subscribed, room).await
     }

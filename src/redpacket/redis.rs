@@ -715,7 +715,10 @@ impl Store for RedisStore {
             total_grabbed,
             remaining: left as u32,
             remaining_amount: total.saturating_sub(total_grabbed),
-            expired: fields.get("expired").is_some_and(|v| v == "1") || now_ms() >= expires_at,
+            // Ended by expiry, or past it with shares left (before a sweep marks it); a
+            // packet emptied in time never reads as expired.
+            expired: fields.get("expired").is_some_and(|v| v == "1")
+                || (now_ms() >= expires_at && left > 0),
             expires_at,
             grabs,
         }))
