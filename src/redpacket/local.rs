@@ -433,14 +433,20 @@ impl Store for LocalStore {
             }
             done
         };
-        // So a restart knows the end was announced. Should this fail, a restart
-        // announces it again, which beats never.
-        let record = Record::Expired {
-            packet: packet.to_string(),
-            ts: now_ms(),
-        };
-        if let Err(e) = self.journal.append(record).await {
-            tracing::warn!(packet, error = %e, "journaling an expiry failed");
+        // So a restart knows the end was announced. Only when this call announced it:
+        // with grabs in flight the last of them does, and should the process die before
+        // that grab is journaled, a replay that had read "expired" here would mark the
+        // packet finished with nobody ever announcing it. Without the record, a restart
+        // finds it past expiry and unfinished, and announces it (perhaps again, which
+        // beats never). The same holds if this append fails.
+        if done.is_some() {
+            let record = Record::Expired {
+                packet: packet.to_string(),
+                ts: now_ms(),
+            };
+            if let Err(e) = self.journal.append(record).await {
+                tracing::warn!(packet, error = %e, "journaling an expiry failed");
+            }
         }
         Ok(done)
     }
