@@ -39,6 +39,8 @@ use crate::protocol::User;
 
 pub const JOURNAL_FILE: &str = "redpackets.journal";
 pub const SETTLEMENT_FILE: &str = "settlement.jsonl";
+/// Where a compacted journal is written before it is renamed over [`JOURNAL_FILE`].
+const COMPACT_FILE: &str = "redpackets.journal.compact";
 /// Settlement writes that failed after their grabs were committed (the lines are retried
 /// with the next batch, and re-created from the journal at the next open).
 pub use crate::metrics::SETTLEMENT_FAILURES;
@@ -128,6 +130,17 @@ pub enum Record {
     Expired { packet: String, ts: u64 },
 }
 
+impl Record {
+    /// The packet the record is about.
+    pub fn packet(&self) -> &str {
+        match self {
+            Record::Create { packet, .. }
+            | Record::Grab { packet, .. }
+            | Record::Expired { packet, .. } => packet,
+        }
+    }
+}
+
 /// What the settlement log carries per grab.
 #[derive(Serialize)]
 struct Settlement<'a> {
@@ -212,6 +225,26 @@ impl Journal {
     /// a line before the last one is unreadable ([`JournalError::Corrupt`]).
     pub fn open(dir: &Path) -> Result<(Journal, Vec<Record>), JournalError> {
         let (files, records) = Files::open(dir)?;
+        let journal = files.spawn(|f| Box::new(f), |f| Box::new(f))?;
+        Ok((journal, records))
+    }
+
+    /// [`Journal::open`], having first rewritten the journal without the records of
+    /// packets past retention (`expires_at + retain_ms <= now_ms`): they are long
+    /// finished, their settlement lines were reconciled by the open, and replaying them
+    /// at every start would make starts slower for the node's whole life. The rewrite
+    /// goes to a new file, fsynced, then renamed over the journal (and the directory
+    /// fsynced), so a crash at any point leaves the old journal or the new one whole.
+    ///
+    /// # Errors
+    /// As [`Journal::open`], or the rewrite failed (the old journal is then untouched).
+    pub fn open_compacted(
+        dir: &Path,
+        retain_ms: u64,
+        now_ms: u64,
+    ) -> Result<(Journal, Vec<Record>), JournalError> {
+        let (mut files, records) = Files::open(dir)?;
+        let records = files.compact(records, retain_ms, now_ms)?;
         let journal = files.spawn(|f| Box::new(f), |f| Box::new(f))?;
         Ok((journal, records))
     }
@@ -307,6 +340,60 @@ impl Files {
             settlement_len,
         };
         Ok((files, records))
+    }
+
+    /// Rewrites the journal without the records of packets past retention; see
+    /// [`Journal::open_compacted`]. Returns the records kept.
+    fn compact(
+        &mut self,
+        records: Vec<Record>,
+        retain_ms: u64,
+        now_ms: u64,
+    ) -> Result<Vec<Record>, JournalError> {
+        let gone: std::collections::HashSet<String> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Create {
+                    packet, expires_at, ..
+                } if expires_at.saturating_add(retain_ms) <= now_ms => Some(packet.clone()),
+                _ => None,
+            })
+            .collect();
+        if gone.is_empty() {
+            return Ok(records);
+        }
+        let before = records.len();
+        let kept: Vec<Record> = records
+            .into_iter()
+            .filter(|r| !gone.contains(r.packet()))
+            .collect();
+        let path = self.dir.join(JOURNAL_FILE);
+        let tmp = self.dir.join(COMPACT_FILE);
+        let err = |p: &Path| io_err(p);
+        let mut out = Vec::new();
+        for r in &kept {
+            serde_json::to_writer(&mut out, r).map_err(|e| JournalError::Io {
+                path: tmp.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            })?;
+            out.push(b'\n');
+        }
+        let mut file = File::create(&tmp).map_err(err(&tmp))?;
+        file.write_all(&out).map_err(err(&tmp))?;
+        file.sync_all().map_err(err(&tmp))?;
+        drop(file);
+        std::fs::rename(&tmp, &path).map_err(err(&path))?;
+        sync_dir(&self.dir).map_err(err(&self.dir))?;
+        let (journal, _) = open_append(&path).map_err(err(&path))?;
+        self.journal = journal;
+        self.journal_len = out.len() as u64;
+        tracing::info!(
+            packets = gone.len(),
+            records = before - kept.len(),
+            kept = kept.len(),
+            "red-packet journal compacted: packets past retention dropped"
+        );
+        Ok(kept)
     }
 
     /// Starts the writer thread over the files (wrapped, so tests can inject failures).
@@ -903,6 +990,90 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// Packets past retention leave the journal at open; the rest, and the settlement
+    /// log, stay as they were, and appends go on after the rewrite.
+    #[tokio::test]
+    async fn open_compacted_drops_packets_past_retention_only() {
+        let dir = scratch("compact");
+        let (j, _) = Journal::open(&dir).unwrap();
+        let with_packet = |r: Record, p: &str, expires_at: u64| match r {
+            Record::Create {
+                room,
+                sender,
+                total,
+                shares,
+                amounts,
+                created_at,
+                ..
+            } => Record::Create {
+                packet: p.into(),
+                room,
+                sender,
+                total,
+                shares,
+                amounts,
+                created_at,
+                expires_at,
+            },
+            Record::Grab {
+                room,
+                user,
+                amount,
+                ts,
+                ..
+            } => Record::Grab {
+                packet: p.into(),
+                room,
+                user,
+                amount,
+                ts,
+            },
+            other => other,
+        };
+        // "old" expired at 1_000, "new" at 50_000; retention 10_000, now 20_000.
+        j.append(with_packet(create(), "old", 1_000)).await.unwrap();
+        j.append(with_packet(create(), "new", 50_000))
+            .await
+            .unwrap();
+        j.append(with_packet(grab("a"), "old", 0)).await.unwrap();
+        j.append(with_packet(grab("b"), "new", 0)).await.unwrap();
+        j.append(Record::Expired {
+            packet: "old".into(),
+            ts: 1_000,
+        })
+        .await
+        .unwrap();
+        drop(j);
+        let settled_before = settled(&dir);
+
+        let (j, records) = Journal::open_compacted(&dir, 10_000, 20_000).unwrap();
+        assert!(records.iter().all(|r| r.packet() == "new"), "{records:?}");
+        assert_eq!(records.len(), 2);
+        assert!(!dir.join(COMPACT_FILE).exists());
+        // Appends continue after the rewritten records.
+        j.append(with_packet(grab("c"), "new", 0)).await.unwrap();
+        drop(j);
+        let (_j, records) = Journal::open(&dir).unwrap();
+        let users: Vec<String> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Grab { user, .. } => Some(user.id.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(users, ["b", "c"]);
+        // Billing keeps everything it had, plus the new grab.
+        let mut expected = settled_before;
+        expected.push(("new".into(), "c".into()));
+        assert_eq!(settled(&dir), expected);
+        // Nothing past retention: nothing rewritten.
+        let before = bytes(&dir, JOURNAL_FILE);
+        let (_j, records) = Journal::open_compacted(&dir, 10_000, 20_000).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(bytes(&dir, JOURNAL_FILE), before);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

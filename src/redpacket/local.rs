@@ -133,7 +133,9 @@ impl LocalStore {
     /// # Errors
     /// The journal cannot be opened, read or repaired, or is corrupt.
     pub fn open(dir: &Path, max_concurrent: usize, retain_s: u64) -> Result<Self, JournalError> {
-        let (journal, records) = Journal::open(dir)?;
+        // Packets past retention are forgotten by the replay anyway; dropping their
+        // records keeps every start's replay to one retention period's worth.
+        let (journal, records) = Journal::open_compacted(dir, retain_s * 1000, now_ms())?;
         Ok(Self::with_journal(
             journal,
             records,
