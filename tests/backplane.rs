@@ -13,8 +13,8 @@ use danmaku_gateway::config::{Config, Rate};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use support::{
-    API_TOKEN, Client, RedisServer, SECRET, free_port, http, online, redis_node, relax_rate_limits,
-    temp_dir, token, until_linked, wait_for,
+    API_TOKEN, Client, GatewayProcess, RedisServer, http, online, redis_node, relax_rate_limits,
+    token, until_linked, wait_for,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -477,114 +477,6 @@ async fn room_api_counts_members_on_a_node_without_members() {
     drop(members);
     a.stop().await;
     b.stop().await;
-}
-
-/// A gateway as a child process of the real binary, so it can be SIGKILLed.
-struct GatewayProcess {
-    addr: SocketAddr,
-    child: Option<std::process::Child>,
-    dir: std::path::PathBuf,
-}
-
-impl GatewayProcess {
-    async fn spawn(redis_url: &str, node_id: &str, extra_toml: &str) -> Self {
-        let dir = temp_dir("gwproc");
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
-        let data = dir.join("data");
-        let toml = format!(
-            r#"backplane = "redis"
-[server]
-listen = "127.0.0.1:{port}"
-node_id = "{node_id}"
-shards = 2
-drain_s = 1
-[auth]
-secret = "{SECRET}"
-[api]
-token = "{API_TOKEN}"
-[room]
-batch_ms = 20
-presence_ms = 100
-[data]
-dir = "{data}"
-[redis]
-url = "{redis_url}"
-{extra_toml}
-"#,
-            data = data.display()
-        );
-        let cfg_path = dir.join("gateway.toml");
-        std::fs::write(&cfg_path, toml).unwrap();
-        let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_danmaku-gateway"))
-            .arg("--config")
-            .arg(&cfg_path)
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn gateway binary");
-        let mut me = GatewayProcess {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            child: Some(child),
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = me.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("gateway exited early ({status}): {}", me.log());
-            }
-            if tokio::net::TcpStream::connect(me.addr).await.is_ok() {
-                let (st, _) = http(me.addr, "GET", "/healthz", None, None).await;
-                if st == 200 {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not come up: {}",
-                me.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        me
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
-    }
-
-    /// SIGKILL: no drain, no goodbye to Redis.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    async fn client(&self, query: &str) -> Client {
-        let url = format!("ws://{}/ws?{query}", self.addr);
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("connect");
-        let mut c = Client {
-            ws,
-            msgpack: false,
-            hello: Value::Null,
-            protocol: None,
-        };
-        c.hello = c.recv().await;
-        assert_eq!(c.hello["op"], "hello", "{}", c.hello);
-        c
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

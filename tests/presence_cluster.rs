@@ -15,10 +15,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use danmaku_gateway::config::Config;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::{
-    API_TOKEN, Client, Gateway, RedisServer, SECRET, free_port, http, metric, online, redis_node,
-    relax_rate_limits, temp_dir, until_linked, wait_for,
+    API_TOKEN, Gateway, GatewayProcess, RedisCluster, RedisServer, cluster_node, http, metric,
+    online, redis_node, relax_rate_limits, until_linked, wait_for,
 };
 
 const TTL_S: u64 = 2;
@@ -28,6 +28,11 @@ fn presence(cfg: &mut Config) {
     relax_rate_limits(cfg);
     cfg.presence.node_ttl_s = TTL_S;
     cfg.presence.sync_ms = 200;
+}
+
+/// The [`presence`] settings as the config table of a [`GatewayProcess`].
+fn presence_toml() -> String {
+    format!("[presence]\nnode_ttl_s = {TTL_S}\nsync_ms = 200\n")
 }
 
 /// `calls` of `cmdstat_<cmd>` in `INFO commandstats` (0 when never called).
@@ -69,116 +74,6 @@ async fn backplane_up(gw: &Gateway) -> bool {
     body["backplane"]["up"] == true
 }
 
-/// A gateway as a child process of the real binary, so it can be SIGKILLed.
-struct GatewayProcess {
-    addr: SocketAddr,
-    child: Option<std::process::Child>,
-    dir: std::path::PathBuf,
-}
-
-impl GatewayProcess {
-    async fn spawn(redis_url: &str, node_id: &str) -> Self {
-        let dir = temp_dir("gwproc");
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
-        let toml = format!(
-            r#"backplane = "redis"
-[server]
-listen = "127.0.0.1:{port}"
-node_id = "{node_id}"
-shards = 2
-drain_s = 1
-[auth]
-secret = "{SECRET}"
-[api]
-token = "{API_TOKEN}"
-[room]
-batch_ms = 20
-presence_ms = 100
-[data]
-dir = "{data}"
-[redis]
-url = "{redis_url}"
-[presence]
-node_ttl_s = {TTL_S}
-sync_ms = 200
-"#,
-            data = dir.join("data").display()
-        );
-        let cfg_path = dir.join("gateway.toml");
-        std::fs::write(&cfg_path, toml).unwrap();
-        let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_danmaku-gateway"))
-            .arg("--config")
-            .arg(&cfg_path)
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn gateway binary");
-        let mut me = GatewayProcess {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            child: Some(child),
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = me.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("gateway exited early ({status}): {}", me.log());
-            }
-            if tokio::net::TcpStream::connect(me.addr).await.is_ok()
-                && http(me.addr, "GET", "/healthz", None, None).await.0 == 200
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not come up: {}",
-                me.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        me
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
-    }
-
-    /// SIGKILL: no drain, no goodbye to Redis.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// An anonymous viewer joined to `room` (hello and joined consumed).
-    async fn viewer(&self, room: &str) -> Client {
-        let url = format!("ws://{}/ws?room={room}", self.addr);
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("connect");
-        let mut c = Client {
-            ws,
-            msgpack: false,
-            hello: Value::Null,
-            protocol: None,
-        };
-        c.hello = c.recv().await;
-        assert_eq!(c.hello["op"], "hello", "{}", c.hello);
-        c.recv_op("joined").await;
-        c
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Asserts `online(gw, room) == want` at every poll for `d`.
 async fn stays(gw: &Gateway, room: &str, want: u64, d: Duration) {
     let until = Instant::now() + d;
@@ -192,7 +87,7 @@ async fn stays(gw: &Gateway, room: &str, want: u64, d: Duration) {
 async fn restarted_node_with_same_id_does_not_double_count() {
     let redis = RedisServer::start();
     let b = redis_node(&redis.url(), "node-b", presence).await;
-    let mut x = GatewayProcess::spawn(&redis.url(), "node-x").await;
+    let mut x = GatewayProcess::spawn(&redis.url(), "node-x", &presence_toml()).await;
     // X holds 3 viewers of `left` (a room it will not hold after its restart) and 2 of
     // `kept` (one it will); B holds one of each.
     let mut on_x = Vec::new();
@@ -214,7 +109,7 @@ async fn restarted_node_with_same_id_does_not_double_count() {
     // it is live again, but holds no member of `left`, and one of `kept`.
     x.kill();
     drop(on_x);
-    let x = GatewayProcess::spawn(&redis.url(), "node-x").await;
+    let x = GatewayProcess::spawn(&redis.url(), "node-x", &presence_toml()).await;
     let _again = x.viewer("kept").await;
     wait_for(
         Duration::from_secs(TTL_S + 5),
@@ -395,113 +290,6 @@ async fn stale_envelopes_are_dropped_not_replayed_after_an_outage() {
 // ---------------------------------------------------------------------------------------
 // Redis Cluster: slot migration.
 
-/// Three `redis-server --cluster-enabled yes` masters covering all 16384 slots.
-struct RedisCluster {
-    nodes: Vec<RedisServer>,
-}
-
-impl RedisCluster {
-    fn start() -> Self {
-        // The config file is relative to each server's own `--dir`, removed with it.
-        let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                ])
-            })
-            .collect();
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let out = std::process::Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli --cluster create");
-        assert!(
-            out.status.success(),
-            "cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let me = RedisCluster { nodes };
-        me.wait_ok();
-        me
-    }
-
-    fn wait_ok(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.nodes.iter().all(|n| {
-            let info = n.cli(&["CLUSTER", "INFO"]);
-            info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
-        }) {
-            assert!(Instant::now() < deadline, "cluster never became ok");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn url(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// The index of the master serving `slot`, asked of every master (they agree once
-    /// the cluster has converged).
-    fn owner(&self, slot: u16) -> usize {
-        let shards = self.nodes[0].cli(&["CLUSTER", "SLOTS"]);
-        // Flat redis-cli output: start, end, then per node ip, port, id (...); read
-        // "start end ip port" runs.
-        let lines: Vec<&str> = shards.lines().map(str::trim).collect();
-        for w in lines.windows(4) {
-            if let (Ok(lo), Ok(hi), Ok(port)) = (
-                w[0].parse::<u16>(),
-                w[1].parse::<u16>(),
-                w[3].parse::<u16>(),
-            ) && w[2] == "127.0.0.1"
-                && (lo..=hi).contains(&slot)
-                && let Some(i) = self.nodes.iter().position(|n| n.port == port)
-            {
-                return i;
-            }
-        }
-        panic!("no owner of slot {slot}: {shards}");
-    }
-
-    /// Moves `slot` (which holds no keys) from master `from` to master `to`, as
-    /// `redis-cli --cluster reshard` would.
-    fn migrate(&self, slot: u16, from: usize, to: usize) {
-        let id = |i: usize| self.nodes[i].cli(&["CLUSTER", "MYID"]);
-        let (from_id, to_id) = (id(from), id(to));
-        let s = slot.to_string();
-        let ok = |out: String| assert_eq!(out, "OK");
-        ok(self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]));
-        ok(self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]));
-        assert_eq!(
-            self.nodes[from].cli(&["CLUSTER", "COUNTKEYSINSLOT", &s]),
-            "0",
-            "slot {slot} holds keys"
-        );
-        ok(self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]));
-        ok(self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]));
-        for (i, n) in self.nodes.iter().enumerate() {
-            if i != from && i != to {
-                ok(n.cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]));
-            }
-        }
-    }
-}
-
 /// `PUBSUB SHARDNUMSUB channel` on one master.
 fn shard_subscribers(node: &RedisServer, channel: &str) -> u64 {
     let out = node.cli(&["PUBSUB", "SHARDNUMSUB", channel]);
@@ -509,16 +297,6 @@ fn shard_subscribers(node: &RedisServer, channel: &str) -> u64 {
         .nth(1)
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or_else(|| panic!("unexpected SHARDNUMSUB output {out:?}"))
-}
-
-async fn cluster_node(cluster: &RedisCluster, id: &str) -> Gateway {
-    let url = cluster.url();
-    redis_node(&url.clone(), id, move |cfg: &mut Config| {
-        relax_rate_limits(cfg);
-        cfg.redis.cluster = true;
-        cfg.redis.url = url;
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,10 +310,7 @@ async fn room_resubscribes_after_its_slot_migrates() {
     let mut bob = b.user("bob", "").await;
     alice.join(room).await;
     bob.join(room).await;
-    let slot: u16 = cluster.nodes[0]
-        .cli(&["CLUSTER", "KEYSLOT", &channel])
-        .parse()
-        .unwrap();
+    let slot = cluster.keyslot(&channel);
     let from = cluster.owner(slot);
     let to = (from + 1) % cluster.nodes.len();
     wait_for(Duration::from_secs(10), "both nodes subscribed", || async {

@@ -7,142 +7,11 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use danmaku_gateway::config::Config;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use support::{
-    Client, Gateway, RedisServer, online, redis_node, relax_rate_limits, temp_dir, until_linked,
-    wait_for,
+    Client, Gateway, RedisCluster, RedisServer, cluster_node, online, until_linked, wait_for,
 };
-
-/// Three `redis-server --cluster-enabled yes` masters covering all 16384 slots.
-struct RedisCluster {
-    nodes: Vec<RedisServer>,
-    dirs: Vec<std::path::PathBuf>,
-}
-
-fn cli_port(port: u16, args: &[&str]) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-impl RedisCluster {
-    fn start() -> Self {
-        let mut nodes = Vec::new();
-        let mut dirs = Vec::new();
-        for i in 0..3 {
-            let dir = temp_dir("cluster");
-            std::fs::create_dir_all(&dir).unwrap();
-            let conf = dir.join(format!("nodes-{i}.conf"));
-            nodes.push(RedisServer::start_with(&[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                conf.to_str().unwrap(),
-                "--cluster-node-timeout",
-                "2000",
-            ]));
-            dirs.push(dir);
-        }
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let out = std::process::Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli --cluster create");
-        assert!(
-            out.status.success(),
-            "cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let me = RedisCluster { nodes, dirs };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let ok = me.nodes.iter().all(|n| {
-                let info = n.cli(&["CLUSTER", "INFO"]);
-                info.contains("cluster_state:ok")
-                    && info.contains("cluster_known_nodes:3")
-                    && info.contains("cluster_slots_ok:16384")
-            });
-            if ok {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "cluster never became ok: {}",
-                me.nodes[0].cli(&["CLUSTER", "INFO"])
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        me
-    }
-
-    fn url(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    /// The master that owns `key`'s slot.
-    fn owner(&self, key: &str) -> &RedisServer {
-        let slot: u16 = self.nodes[0]
-            .cli(&["CLUSTER", "KEYSLOT", key])
-            .parse()
-            .unwrap();
-        let nodes = self.nodes[0].cli(&["CLUSTER", "NODES"]);
-        for line in nodes.lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if !fields.get(2).is_some_and(|f| f.contains("master")) {
-                continue;
-            }
-            let port: u16 = fields[1]
-                .split('@')
-                .next()
-                .and_then(|a| a.rsplit(':').next())
-                .and_then(|p| p.parse().ok())
-                .unwrap();
-            let owns = fields[8..].iter().any(|range| {
-                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-                match (lo.parse::<u16>(), hi.parse::<u16>()) {
-                    (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
-                    _ => false,
-                }
-            });
-            if owns {
-                return self.nodes.iter().find(|n| n.port == port).unwrap();
-            }
-        }
-        panic!("no owner for slot {slot}: {nodes}");
-    }
-
-    /// `redis-cli -c` (follows redirects) against the first node.
-    fn cli_c(&self, args: &[&str]) -> String {
-        let mut all = vec!["-c"];
-        all.extend_from_slice(args);
-        cli_port(self.nodes[0].port, &all)
-    }
-}
-
-impl Drop for RedisCluster {
-    fn drop(&mut self) {
-        self.nodes.clear();
-        for d in &self.dirs {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
 
 fn channel(room: &str) -> String {
     format!("danmaku:room:{room}")
@@ -167,16 +36,6 @@ fn command_calls(node: &RedisServer, cmd: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn cluster_node(cluster: &RedisCluster, id: &str) -> Gateway {
-    let url = cluster.url();
-    redis_node(&url.clone(), id, move |cfg: &mut Config| {
-        relax_rate_limits(cfg);
-        cfg.redis.cluster = true;
-        cfg.redis.url = url;
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_pubsub_carries_rooms_on_every_shard() {
     let cluster = RedisCluster::start();
@@ -192,7 +51,7 @@ async fn sharded_pubsub_carries_rooms_on_every_shard() {
     }
     // Each room's channel is SSUBSCRIBEd by both nodes on the shard that owns it.
     for room in &rooms {
-        let owner = cluster.owner(&channel(room));
+        let owner = cluster.owner_of(&channel(room));
         wait_for(
             Duration::from_secs(15),
             &format!("{room}: 2 shard subscribers on its owner"),
@@ -234,7 +93,7 @@ async fn sharded_pubsub_carries_rooms_on_every_shard() {
     let left = &rooms[0];
     let r = bob.call(json!({"op":"leave","room":left}), 7).await;
     assert_eq!(r["op"], "ack", "{r}");
-    let owner = cluster.owner(&channel(left));
+    let owner = cluster.owner_of(&channel(left));
     wait_for(Duration::from_secs(10), "B unsubscribed", || async {
         subscribers(owner, "SHARDNUMSUB", &channel(left)) == 1
     })
@@ -407,7 +266,7 @@ fn rooms_on_every_shard(cluster: &RedisCluster, prefix: &str, per_shard: usize) 
     let mut rooms = Vec::new();
     for i in 0..1000 {
         let room = format!("{prefix}-{i}");
-        let owner = cluster.owner(&channel(&room)).port;
+        let owner = cluster.owner_of(&channel(&room)).port;
         let n = per_owner.entry(owner).or_default();
         if *n < per_shard {
             *n += 1;
@@ -468,7 +327,7 @@ async fn busy_rooms_on_different_shards_all_deliver() {
         bob.join(room).await;
     }
     for room in &rooms {
-        let owner = cluster.owner(&channel(room));
+        let owner = cluster.owner_of(&channel(room));
         wait_for(
             Duration::from_secs(15),
             &format!("{room}: 2 shard subscribers"),

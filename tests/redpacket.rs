@@ -1036,22 +1036,8 @@ impl Process {
 
     /// A user's connection joined to `room`.
     async fn user(&self, user: &str, room: &str) -> Client {
-        let url = format!(
-            "ws://{}/ws?token={}&room={room}",
-            self.addr,
-            support::token(user, user)
-        );
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("connect");
-        let mut c = Client {
-            ws,
-            msgpack: false,
-            hello: Value::Null,
-            protocol: None,
-        };
-        c.hello = c.recv().await;
-        assert_eq!(c.hello["op"], "hello", "{}", c.hello);
+        let query = format!("token={}&room={room}", support::token(user, user));
+        let mut c = support::client_at(self.addr, &query).await;
         let j = c.reply().await;
         assert_eq!(j["op"], "joined", "{j}");
         c

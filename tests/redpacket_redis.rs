@@ -21,7 +21,9 @@ use danmaku_gateway::redpacket::redis::{RedisStore, Timing};
 use danmaku_gateway::redpacket::{GrabError, NewPacket, Store};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use support::{Client, Gateway, RedisServer, redis_node, relax_rate_limits, temp_dir, wait_for};
+use support::{
+    Client, Gateway, RedisCluster, RedisServer, redis_node, relax_rate_limits, wait_for,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -630,48 +632,11 @@ async fn largest_packet_is_created_whole_by_one_script() {
     assert_eq!(g.amount, 1);
 }
 
-/// Three `redis-server --cluster-enabled yes` masters covering every slot (as in
-/// tests/redis_cluster.rs); dropped with the servers.
-fn start_cluster() -> Vec<RedisServer> {
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let dir = temp_dir("rp-cluster");
-        std::fs::create_dir_all(&dir).unwrap();
-        let conf = dir.join(format!("nodes-{i}.conf"));
-        nodes.push(RedisServer::start_with(&[
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            conf.to_str().unwrap(),
-        ]));
-    }
-    let out = std::process::Command::new("redis-cli")
-        .arg("--cluster")
-        .arg("create")
-        .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .output()
-        .expect("redis-cli --cluster create");
-    assert!(out.status.success(), "cluster create failed");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !nodes.iter().all(|n| {
-        let info = n.cli(&["CLUSTER", "INFO"]);
-        info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
-    }) {
-        assert!(Instant::now() < deadline, "cluster never became ok");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    nodes
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweeps_on_a_cluster_announce_each_expiry_once() {
-    let nodes = start_cluster();
-    let url = nodes
-        .iter()
-        .map(|n| format!("redis://127.0.0.1:{}", n.port))
-        .collect::<Vec<_>>()
-        .join(",");
+    // Redis's own cluster-node-timeout (no override).
+    let cluster = RedisCluster::start_with(&[]);
+    let url = cluster.url();
     let mut stores = Vec::new();
     for _ in 0..2 {
         let cancel = CancellationToken::new();

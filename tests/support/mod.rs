@@ -1202,3 +1202,289 @@ pub async fn assert_closed(s: &mut (impl tokio::io::AsyncRead + Unpin), what: &s
         Ok(Ok(n)) => panic!("{what}: answered {:?}", String::from_utf8_lossy(&buf[..n])),
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Multi-process helpers: a gateway as a child process, a Redis Cluster, a gateway node on
+// that cluster. Shared by the backplane, presence_cluster, redis_cluster and
+// redpacket_redis suites, which each kept a private copy before.
+
+/// A gateway run as a child process of the real binary rather than a task in the test's
+/// runtime, so a test can SIGKILL it (no drain, no goodbye to Redis) and see what the
+/// other nodes make of that. Configured by a TOML file in its own temp dir: the Redis
+/// backplane, the test secrets, small windows, then the caller's `extra_toml`. Its log goes
+/// to a file, shown when it fails to come up. Killed and its dir removed on drop.
+pub struct GatewayProcess {
+    pub addr: SocketAddr,
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+impl GatewayProcess {
+    /// Starts the binary on a free port as node `node_id` on `redis_url`, with `extra_toml`
+    /// (whole tables, e.g. `[presence]`) appended to the config; waits for `/healthz`.
+    pub async fn spawn(redis_url: &str, node_id: &str, extra_toml: &str) -> Self {
+        let dir = temp_dir("gwproc");
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let data = dir.join("data");
+        let toml = format!(
+            r#"backplane = "redis"
+[server]
+listen = "127.0.0.1:{port}"
+node_id = "{node_id}"
+shards = 2
+drain_s = 1
+[auth]
+secret = "{SECRET}"
+[api]
+token = "{API_TOKEN}"
+[room]
+batch_ms = 20
+presence_ms = 100
+[data]
+dir = "{data}"
+[redis]
+url = "{redis_url}"
+{extra_toml}
+"#,
+            data = data.display()
+        );
+        let cfg_path = dir.join("gateway.toml");
+        std::fs::write(&cfg_path, toml).unwrap();
+        let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_danmaku-gateway"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gateway binary");
+        let mut me = GatewayProcess {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child: Some(child),
+            dir,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = me.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gateway exited early ({status}): {}", me.log());
+            }
+            if TcpStream::connect(me.addr).await.is_ok()
+                && http(me.addr, "GET", "/healthz", None, None).await.0 == 200
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gateway did not come up: {}",
+                me.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        me
+    }
+
+    /// What the process has logged so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no drain, no goodbye to Redis.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A JSON client connected with `query`; `hello` consumed.
+    pub async fn client(&self, query: &str) -> Client {
+        client_at(self.addr, query).await
+    }
+
+    /// An anonymous viewer joined to `room` (hello and joined consumed).
+    pub async fn viewer(&self, room: &str) -> Client {
+        let mut c = self.client(&format!("room={room}")).await;
+        c.recv_op("joined").await;
+        c
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A JSON client connected to `ws://addr/ws?query`, `hello` consumed: for a gateway that
+/// runs as a child process (no [`Gateway`] to call [`Gateway::client`] on).
+pub async fn client_at(addr: SocketAddr, query: &str) -> Client {
+    let url = format!("ws://{addr}/ws?{query}");
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let mut c = Client {
+        ws,
+        msgpack: false,
+        hello: Value::Null,
+        protocol: None,
+    };
+    c.hello = c.recv().await;
+    assert_eq!(c.hello["op"], "hello", "{}", c.hello);
+    c
+}
+
+/// Three `redis-server --cluster-enabled yes` masters covering all 16384 slots, made with
+/// `redis-cli --cluster create`: what the cluster suites run the gateway (or its Redis
+/// store) on. Each master keeps its `nodes.conf` in its own `--dir`, removed with it when
+/// the cluster is dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// A cluster whose masters use a 2 s `cluster-node-timeout`.
+    pub fn start() -> Self {
+        Self::start_with(&["--cluster-node-timeout", "2000"])
+    }
+
+    /// A cluster whose masters get `extra` `redis-server` arguments after the cluster
+    /// ones (none: Redis's defaults). Returns once every master reports the cluster ok,
+    /// with 3 known nodes and every slot served.
+    pub fn start_with(extra: &[&str]) -> Self {
+        // The config file is relative to each server's own `--dir`, removed with it.
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                let mut args = vec![
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ];
+                args.extend_from_slice(extra);
+                RedisServer::start_with(&args)
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let me = RedisCluster { nodes };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !me.nodes.iter().all(|n| {
+            let info = n.cli(&["CLUSTER", "INFO"]);
+            info.contains("cluster_state:ok")
+                && info.contains("cluster_known_nodes:3")
+                && info.contains("cluster_slots_ok:16384")
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cluster never became ok: {}",
+                me.nodes[0].cli(&["CLUSTER", "INFO"])
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        me
+    }
+
+    /// `redis.url` for a gateway in cluster mode: every master, comma-separated.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn keyslot(&self, key: &str) -> u16 {
+        self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .unwrap()
+    }
+
+    /// The index of the master serving `slot`, as the first master sees it (they agree
+    /// once the cluster has converged).
+    pub fn owner(&self, slot: u16) -> usize {
+        let shards = self.nodes[0].cli(&["CLUSTER", "SLOTS"]);
+        // Flat redis-cli output: start, end, then per node ip, port, id (...); read
+        // "start end ip port" runs.
+        let lines: Vec<&str> = shards.lines().map(str::trim).collect();
+        for w in lines.windows(4) {
+            if let (Ok(lo), Ok(hi), Ok(port)) = (
+                w[0].parse::<u16>(),
+                w[1].parse::<u16>(),
+                w[3].parse::<u16>(),
+            ) && w[2] == "127.0.0.1"
+                && (lo..=hi).contains(&slot)
+                && let Some(i) = self.nodes.iter().position(|n| n.port == port)
+            {
+                return i;
+            }
+        }
+        panic!("no owner of slot {slot}: {shards}");
+    }
+
+    /// The master that owns `key`'s slot.
+    pub fn owner_of(&self, key: &str) -> &RedisServer {
+        &self.nodes[self.owner(self.keyslot(key))]
+    }
+
+    /// `redis-cli -c` (follows redirects) against the first master.
+    pub fn cli_c(&self, args: &[&str]) -> String {
+        let mut all = vec!["-c"];
+        all.extend_from_slice(args);
+        self.nodes[0].cli(&all)
+    }
+
+    /// Moves `slot` (which holds no keys) from master `from` to master `to`, as
+    /// `redis-cli --cluster reshard` would.
+    pub fn migrate(&self, slot: u16, from: usize, to: usize) {
+        let id = |i: usize| self.nodes[i].cli(&["CLUSTER", "MYID"]);
+        let (from_id, to_id) = (id(from), id(to));
+        let s = slot.to_string();
+        let ok = |out: String| assert_eq!(out, "OK");
+        ok(self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]));
+        ok(self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]));
+        assert_eq!(
+            self.nodes[from].cli(&["CLUSTER", "COUNTKEYSINSLOT", &s]),
+            "0",
+            "slot {slot} holds keys"
+        );
+        ok(self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]));
+        ok(self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]));
+        for (i, n) in self.nodes.iter().enumerate() {
+            if i != from && i != to {
+                ok(n.cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]));
+            }
+        }
+    }
+}
+
+/// A gateway node `id` on `cluster` (cluster mode, rate limits relaxed): the node every
+/// cluster suite starts, built on [`redis_node`].
+pub async fn cluster_node(cluster: &RedisCluster, id: &str) -> Gateway {
+    let url = cluster.url();
+    redis_node(&url.clone(), id, move |cfg: &mut Config| {
+        relax_rate_limits(cfg);
+        cfg.redis.cluster = true;
+        cfg.redis.url = url;
+    })
+    .await
+}
