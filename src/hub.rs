@@ -948,6 +948,63 @@ mod tests {
         assert!(conn.try_next().is_none());
     }
 
+    fn system(id: &str, ts: u64) -> Event {
+        Event {
+            id: id.into(),
+            ts,
+            body: EventBody::System {
+                text: id.into(),
+                data: None,
+            },
+        }
+    }
+
+    /// History seeded from the backplane holds each event once: not one already waiting
+    /// in this window (it goes into history when flushed), and not one that then also
+    /// arrives live.
+    // Single-threaded and without an await, so the flusher never runs in between.
+    #[tokio::test(flavor = "current_thread")]
+    async fn seeded_history_never_holds_an_event_twice() {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let hub = Hub::start(
+            Arc::from("n"),
+            RoomConfig::default(),
+            1,
+            Arc::new(crate::backplane::Local),
+            &cancel,
+            &tracker,
+        );
+        let room = RoomId::parse("r").unwrap();
+        // "pending" arrived live and waits for its window; "old" was flushed earlier.
+        hub.inject(&room, vec![system("old", 1)]);
+        let r = Arc::clone(&hub.room_or_create(&room));
+        {
+            let mut st = r.state.lock().unwrap();
+            let e = Arc::new(st.pending.remove(0));
+            st.local.remove(0);
+            st.history.push_back(e);
+        }
+        hub.inject(&room, vec![system("pending", 3)]);
+        let earlier = vec![system("older", 0), system("old", 1), system("pending", 3)];
+        r.state.lock().unwrap().seed_history(earlier, 10);
+        let ids =
+            |st: &RoomState| -> Vec<String> { st.history.iter().map(|e| e.id.clone()).collect() };
+        assert_eq!(ids(&r.state.lock().unwrap()), ["older", "old"]);
+        // "older" arriving live again (the subscription raced the read) is dropped.
+        hub.inject(&room, vec![system("older", 0), system("new", 4)]);
+        let pending: Vec<String> = r
+            .state
+            .lock()
+            .unwrap()
+            .pending
+            .iter()
+            .map(|e| e.id.clone())
+            .collect();
+        assert_eq!(pending, ["pending", "new"]);
+        cancel.cancel();
+    }
+
     #[tokio::test]
     async fn next_waits_for_a_push_and_a_closed_queue_refuses() {
         let conn = Conn::new(2, Format::Json, 4);

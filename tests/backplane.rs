@@ -13,8 +13,8 @@ use danmaku_gateway::config::{Config, Rate};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use support::{
-    API_TOKEN, Client, GatewayProcess, RedisServer, http, online, redis_node, relax_rate_limits,
-    token, until_linked, wait_for,
+    Client, GatewayProcess, RedisServer, online, online_at, redis_node, relax_rate_limits, token,
+    until_linked, wait_for,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -42,30 +42,6 @@ async fn wait_numsub(redis: &RedisServer, room: &str, want: u64) {
         || async { numsub(redis, room) == want },
     )
     .await;
-}
-
-/// `calls` of `cmdstat_<cmd>` in `INFO commandstats` (0 when never called).
-fn command_calls(redis: &RedisServer, cmd: &str) -> u64 {
-    let info = redis.cli(&["INFO", "commandstats"]);
-    let prefix = format!("cmdstat_{cmd}:calls=");
-    info.lines()
-        .map(str::trim)
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
-        .unwrap_or(0)
-}
-
-async fn online_at(addr: SocketAddr, room: &str) -> u64 {
-    let (st, v) = http(
-        addr,
-        "GET",
-        &format!("/api/v1/rooms/{room}"),
-        Some(API_TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
-    v["online"].as_u64().unwrap()
 }
 
 fn relaxed(cfg: &mut Config) {
@@ -976,11 +952,11 @@ async fn publishes_once_per_room_per_window() {
     bob.join(room).await;
     wait_numsub(&redis, room, 2).await;
     // Nothing is published while nobody writes (presence stays per node).
-    let quiet = command_calls(&redis, "publish");
+    let quiet = redis.command_calls("publish");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(command_calls(&redis, "publish"), quiet, "idle publishes");
+    assert_eq!(redis.command_calls("publish"), quiet, "idle publishes");
 
-    let before = command_calls(&redis, "publish");
+    let before = redis.command_calls("publish");
     let started = Instant::now();
     for i in 0..CHATS {
         alice
@@ -1000,7 +976,7 @@ async fn publishes_once_per_room_per_window() {
     assert_eq!(got.len(), CHATS, "bob got {got:?}");
     // Let any straggling window flush before reading the stats.
     tokio::time::sleep(Duration::from_millis(450)).await;
-    let published = command_calls(&redis, "publish") - before;
+    let published = redis.command_calls("publish") - before;
     assert!(
         (1..=4).contains(&published),
         "{CHATS} chats sent in {sent_in:?} took {published} PUBLISH calls; want one per window"

@@ -11,14 +11,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use danmaku_gateway::config::Config;
 use serde_json::json;
 use support::{
-    API_TOKEN, Gateway, GatewayProcess, RedisCluster, RedisServer, cluster_node, http, metric,
-    online, redis_node, relax_rate_limits, until_linked, wait_for,
+    Gateway, GatewayProcess, RedisCluster, RedisServer, cluster_node, http, metric, online,
+    online_at, redis_node, relax_rate_limits, until_linked, wait_for,
 };
 
 const TTL_S: u64 = 2;
@@ -35,17 +34,6 @@ fn presence_toml() -> String {
     format!("[presence]\nnode_ttl_s = {TTL_S}\nsync_ms = 200\n")
 }
 
-/// `calls` of `cmdstat_<cmd>` in `INFO commandstats` (0 when never called).
-fn command_calls(redis: &RedisServer, cmd: &str) -> u64 {
-    let info = redis.cli(&["INFO", "commandstats"]);
-    let prefix = format!("cmdstat_{cmd}:calls=");
-    info.lines()
-        .map(str::trim)
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
-        .unwrap_or(0)
-}
-
 /// The fields of `room`'s presence hash.
 fn presence_fields(redis: &RedisServer, room: &str) -> Vec<String> {
     let out = redis.cli(&["HKEYS", &format!("danmaku:presence:{room}")]);
@@ -54,19 +42,6 @@ fn presence_fields(redis: &RedisServer, room: &str) -> Vec<String> {
         .filter(|l| !l.is_empty())
         .map(String::from)
         .collect()
-}
-
-async fn online_at(addr: SocketAddr, room: &str) -> u64 {
-    let (st, v) = http(
-        addr,
-        "GET",
-        &format!("/api/v1/rooms/{room}"),
-        Some(API_TOKEN),
-        None,
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
-    v["online"].as_u64().unwrap()
 }
 
 async fn backplane_up(gw: &Gateway) -> bool {
@@ -265,7 +240,7 @@ async fn stale_envelopes_are_dropped_not_replayed_after_an_outage() {
     .await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
-        command_calls(&redis, "publish"),
+        redis.command_calls("publish"),
         0,
         "envelopes from before the outage were replayed"
     );
@@ -280,7 +255,7 @@ async fn stale_envelopes_are_dropped_not_replayed_after_an_outage() {
     wait_for(
         Duration::from_secs(5),
         "the fresh chat published",
-        || async { command_calls(&redis, "publish") == 1 },
+        || async { redis.command_calls("publish") == 1 },
     )
     .await;
     drop(alice);

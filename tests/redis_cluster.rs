@@ -26,16 +26,6 @@ fn subscribers(node: &RedisServer, sub: &str, channel: &str) -> u64 {
         .unwrap_or_else(|| panic!("unexpected PUBSUB {sub} output {out:?}"))
 }
 
-fn command_calls(node: &RedisServer, cmd: &str) -> u64 {
-    let info = node.cli(&["INFO", "commandstats"]);
-    let prefix = format!("cmdstat_{cmd}:calls=");
-    info.lines()
-        .map(str::trim)
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_pubsub_carries_rooms_on_every_shard() {
     let cluster = RedisCluster::start();
@@ -69,7 +59,7 @@ async fn sharded_pubsub_carries_rooms_on_every_shard() {
     let spublish_before: Vec<u64> = cluster
         .nodes
         .iter()
-        .map(|n| command_calls(n, "spublish"))
+        .map(|n| n.command_calls("spublish"))
         .collect();
     for room in &rooms {
         until_linked(&mut alice, &mut bob, room, "a2b").await;
@@ -78,16 +68,11 @@ async fn sharded_pubsub_carries_rooms_on_every_shard() {
     // Every shard carried SPUBLISHes; nothing used classic PUBLISH.
     for (node, before) in cluster.nodes.iter().zip(spublish_before) {
         assert!(
-            command_calls(node, "spublish") > before,
+            node.command_calls("spublish") > before,
             "no SPUBLISH on shard {}",
             node.port
         );
-        assert_eq!(
-            command_calls(node, "publish"),
-            0,
-            "PUBLISH on {}",
-            node.port
-        );
+        assert_eq!(node.command_calls("publish"), 0, "PUBLISH on {}", node.port);
     }
     // Leaving SUNSUBSCRIBEs on the owning shard.
     let left = &rooms[0];

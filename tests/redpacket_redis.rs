@@ -836,3 +836,26 @@ async fn one_redpacket_done_across_three_nodes() {
     b.stop().await;
     c.stop().await;
 }
+
+/// `expired` in a packet's status means "ended by expiry": a packet emptied before its
+/// deadline does not read as expired after it; one past it with shares left does, even
+/// before a sweep has marked it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_expired_only_for_packets_that_ended_by_expiry() {
+    let redis = RedisServer::start();
+    let (store, _link) = store(&redis.url(), 10, Timing::default()).await;
+    let r = room("exp");
+    let emptied = new_packet("exp", 1, Duration::from_millis(300));
+    let emptied_id = emptied.packet.clone();
+    store.create(emptied).await.unwrap();
+    store.grab(&r, &emptied_id, &user("a", "A")).await.unwrap();
+    let left = new_packet("exp", 2, Duration::from_millis(300));
+    let left_id = left.packet.clone();
+    store.create(left).await.unwrap();
+    store.grab(&r, &left_id, &user("a", "A")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = store.status(&emptied_id).await.unwrap().unwrap();
+    assert_eq!((s.remaining, s.expired), (0, false), "{s:?}");
+    let s = store.status(&left_id).await.unwrap().unwrap();
+    assert_eq!((s.remaining, s.expired), (1, true), "{s:?}");
+}

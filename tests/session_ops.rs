@@ -341,6 +341,45 @@ async fn http_refusals_are_json_and_bearer_is_case_insensitive() {
     gw.stop().await;
 }
 
+/// A path parameter axum cannot decode (not UTF-8) is our JSON 400, not plain text.
+#[tokio::test]
+async fn an_undecodable_path_parameter_is_a_json_400() {
+    let gw = Gateway::start().await;
+    let (status, body) = gw.api("GET", "/api/v1/rooms/%FF%FE", None).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "bad_request", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().starts_with("path:"),
+        "{body}"
+    );
+    gw.stop().await;
+}
+
+/// Event ids stay unique across a restart of a node with a fixed `server.node_id`
+/// (a room's history in Redis outlives the process).
+#[tokio::test]
+async fn event_ids_differ_across_restarts_of_one_node_id() {
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let gw = Gateway::start().await;
+        assert_eq!(gw.cfg.server.node_id, "test-node");
+        let (status, body) = gw
+            .api(
+                "POST",
+                "/api/v1/rooms/ids/events",
+                Some(&json!({"type":"system","text":"x"})),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["id"].as_str().unwrap().to_string());
+        gw.stop().await;
+        // Process starts a millisecond apart at least.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(ids.iter().all(|i| i.starts_with("test-node-")), "{ids:?}");
+    assert_ne!(ids[0], ids[1]);
+}
+
 /// A token may carry more claims than ours (an audience included); an expired one is
 /// refused even a second after `exp`.
 #[tokio::test]

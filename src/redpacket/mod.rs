@@ -438,7 +438,7 @@ impl RedPackets {
     /// sweep in lockstep) and announces what it finished. Ends with the gateway.
     fn spawn_sweeper(&self, every: Duration) {
         let store = Arc::clone(&self.store);
-        let hub = self.hub.clone();
+        let announce = Arc::clone(&self.announce);
         let cancel = self.cancel.clone();
         let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
         self.tracker.spawn(async move {
@@ -449,15 +449,7 @@ impl RedPackets {
                     _ = tokio::time::sleep(wait) => {}
                 }
                 for f in store.sweep().await {
-                    hub.publish(
-                        &f.room,
-                        EventBody::RedpacketDone {
-                            packet: f.packet,
-                            grabbed: f.done.grabbed,
-                            total_grabbed: f.done.total_grabbed,
-                            expired: f.done.expired,
-                        },
-                    );
+                    announce.done(&f.room, &f.packet, f.done);
                 }
             }
         });

@@ -476,6 +476,17 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// `calls` of `cmdstat_<cmd>` in `INFO commandstats` (0 when never called).
+    pub fn command_calls(&self, cmd: &str) -> u64 {
+        let info = self.cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{cmd}:calls=");
+        info.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
+            .unwrap_or(0)
+    }
+
     /// Runs a command with `redis-cli` and returns its trimmed output.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")
@@ -857,7 +868,20 @@ pub fn metric_local(series: &str) -> f64 {
 }
 
 pub async fn online(gw: &Gateway, room: &str) -> u64 {
-    let (st, v) = gw.api("GET", &format!("/api/v1/rooms/{room}"), None).await;
+    online_at(gw.addr, room).await
+}
+
+/// `online` of `room` from `GET /api/v1/rooms/{room}` of the gateway at `addr` (an
+/// in-process [`Gateway`] or a [`GatewayProcess`]).
+pub async fn online_at(addr: SocketAddr, room: &str) -> u64 {
+    let (st, v) = http(
+        addr,
+        "GET",
+        &format!("/api/v1/rooms/{room}"),
+        Some(API_TOKEN),
+        None,
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     v["online"].as_u64().unwrap()
 }
