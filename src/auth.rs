@@ -1,7 +1,8 @@
 //! Client authentication: HS256 JWTs signed with `auth.secret`.
 //!
 //! A token's claims are `sub` (user id), `name` (display name) and `exp` (unix seconds);
-//! all three are required. Verification happens once, before the WebSocket upgrade, so a
+//! all three are required. An optional `nbf` (unix seconds) is honoured: a token used
+//! before it is refused, like an expired one. Verification happens once, before the WebSocket upgrade, so a
 //! bad token costs an HTTP 401 and never a socket.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -14,6 +15,8 @@ use crate::protocol::User;
 pub enum AuthError {
     #[error("token expired")]
     Expired,
+    #[error("token not yet valid (nbf is in the future)")]
+    NotYetValid,
     #[error("bad token signature")]
     BadSignature,
     #[error("invalid token: {0}")]
@@ -41,6 +44,9 @@ impl Auth {
         // PROTOCOL.md: an expired token is refused; the issuer sets `exp` with whatever
         // margin it wants.
         validation.leeway = 0;
+        // PROTOCOL.md (hygiene): a token whose `nbf` is in the future is refused, with the
+        // same zero leeway as `exp`. `nbf` stays optional: tokens without it are valid.
+        validation.validate_nbf = true;
         // Tokens may carry more claims than ours (an `aud` included): only added fields,
         // never a reason to refuse.
         validation.validate_aud = false;
@@ -51,12 +57,13 @@ impl Auth {
     }
 
     /// # Errors
-    /// Expired, badly signed, or missing a claim.
+    /// Expired, not yet valid (`nbf`), badly signed, or missing a claim.
     pub fn verify(&self, token: &str) -> Result<User, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 _ => AuthError::Invalid(e.to_string()),
             },
@@ -110,5 +117,41 @@ mod tests {
             auth.verify("not.a.jwt"),
             Err(AuthError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn honours_nbf_without_leeway() {
+        #[derive(Serialize)]
+        struct WithNbf<'a> {
+            sub: &'a str,
+            name: &'a str,
+            exp: u64,
+            nbf: u64,
+        }
+        let token = |nbf: u64| {
+            let claims = WithNbf {
+                sub: "u1",
+                name: "Ann",
+                exp: now_ms() / 1000 + 7200,
+                nbf,
+            };
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(b"s3cret"),
+            )
+            .unwrap()
+        };
+        let auth = Auth::new("s3cret");
+        let now = now_ms() / 1000;
+        assert!(matches!(
+            auth.verify(&token(now + 3600)),
+            Err(AuthError::NotYetValid)
+        ));
+        assert!(matches!(
+            auth.verify(&token(now + 5)),
+            Err(AuthError::NotYetValid)
+        ));
+        assert!(auth.verify(&token(now - 60)).is_ok());
     }
 }

@@ -38,6 +38,9 @@ pub const MAX_EXPIRES_IN_S: u64 = 30 * 24 * 3600;
 pub const MAX_RETAIN_S: u64 = 365 * 24 * 3600;
 /// Fastest accepted rate of a `ratelimit.*` budget (per second): one unit per µs.
 pub const MAX_RATE: f64 = 1_000_000.0;
+/// Lowest `limits.max_out_frame_bytes`: twice the largest API body (64 KiB), so any one
+/// event fits in a frame of its own.
+pub const MIN_OUT_FRAME_BYTES: usize = 131_072;
 
 /// The whole gateway configuration, one section per `[table]` in `config.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,7 +275,9 @@ pub struct ServerConfig {
     /// Addresses (CIDRs or single IPs) whose PROXY headers and `X-Forwarded-For` are
     /// believed; empty = nobody's.
     pub trusted_proxies: Vec<String>,
-    /// A new connection's PROXY header and TLS handshake must finish within this.
+    /// From TCP accept to its first request head (PROXY header and TLS included, plain
+    /// listeners too) a connection has this long, else it is closed; a keep-alive
+    /// connection has as long for each next head.
     pub handshake_timeout_ms: u64,
     /// TLS on the listener; cert and key both empty = plain TCP.
     pub tls: TlsConfig,
@@ -378,6 +383,12 @@ pub struct LimitsConfig {
     pub max_bad_frames: u32,
     /// Frames a connection's outbound queue holds before the slow-consumer policy applies.
     pub outbound_queue: usize,
+    /// Largest frame the gateway sends; a larger window is split into several `batch`
+    /// frames and `joined.history` is trimmed to fit.
+    pub max_out_frame_bytes: usize,
+    /// Connections between TCP accept and a read request (or upgrade); more are closed
+    /// at once, so silent sockets cannot exhaust the node's file descriptors.
+    pub max_handshakes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -390,6 +401,8 @@ impl Default for LimitsConfig {
             max_frame_bytes: 65_536,
             max_bad_frames: 10,
             outbound_queue: 64,
+            max_out_frame_bytes: 262_144,
+            max_handshakes: 10_000,
         }
     }
 }
@@ -412,6 +425,10 @@ pub struct RoomConfig {
     /// Chat broadcast per room per second; above it chat is acked but sampled out of
     /// the broadcast (counted). 0 = off.
     pub max_chat_per_s: u64,
+    /// Chat bytes broadcast per room per second (text plus user, as encoded); above it
+    /// chat is acked but sampled out of the broadcast (counted). Bounds what one member
+    /// of the hottest room receives. 0 = off.
+    pub max_chat_bytes_per_s: u64,
     /// `grab` events broadcast per room per window; the rest of a grab storm is counted
     /// but not broadcast (each grabber has its ack, the totals come in `redpacket_done`).
     /// 0 = unlimited.
@@ -434,6 +451,7 @@ impl Default for RoomConfig {
             max_pending: 10_000,
             idle_ttl_s: 300,
             max_chat_per_s: 0,
+            max_chat_bytes_per_s: 262_144,
             max_grab_events: 10,
             max_gift_events: 200,
         }
@@ -547,6 +565,16 @@ impl Config {
             (256..=16 << 20).contains(&self.limits.max_frame_bytes),
             "limits.max_frame_bytes",
             "must be between 256 and 16777216",
+        )?;
+        check(
+            (MIN_OUT_FRAME_BYTES..=16 << 20).contains(&self.limits.max_out_frame_bytes),
+            "limits.max_out_frame_bytes",
+            "must be between 131072 and 16777216 (one event may encode to a little over 64 KiB)",
+        )?;
+        check(
+            self.limits.max_handshakes > 0,
+            "limits.max_handshakes",
+            "must be positive",
         )?;
         check(
             self.limits.max_bad_frames > 0,

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, RawQuery, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -21,6 +20,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use tungstenite::protocol::WebSocketConfig;
 
 use crate::admission::Refused;
 use crate::metrics;
@@ -28,16 +28,12 @@ use crate::protocol::{EventBody, Format, RoomId, User};
 use crate::redpacket::{CreateError, CreateRequest};
 use crate::server::Shared;
 use crate::session;
+use crate::upgrade::{UpgradeError, WsUpgrade};
 
 /// Inbound read buffer per socket. tungstenite's default (128 KiB, zero-filled on read)
 /// would cost more than the whole connection budget; client frames are small and a
 /// larger one is simply read in several chunks.
 const WS_READ_BUFFER: usize = 2048;
-/// Outgoing frames are gathered up to this size before a write (one syscall for many
-/// batches when a member is behind).
-const WS_WRITE_BUFFER: usize = 16 * 1024;
-/// Hard cap of tungstenite's outgoing buffer; the outbound queue bounds frames before it.
-const WS_MAX_WRITE_BUFFER: usize = 1 << 20;
 /// Largest API request body. Events and red-packet requests are a few hundred bytes; a
 /// client frame may be 64 KiB, and a backend's event need not be larger.
 const API_MAX_BODY: usize = 64 * 1024;
@@ -150,7 +146,7 @@ async fn ws_upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<WsUpgrade, UpgradeError>,
 ) -> Result<Response, HttpError> {
     let client_ip = shared.trusted.client_ip(peer.ip(), &headers);
     if shared.drain.is_cancelled() {
@@ -161,9 +157,15 @@ async fn ws_upgrade(
             "node is draining",
         ));
     }
-    let params: HashMap<String, String> =
+    // A list, not a map: a map keeps one of two `token`s silently, and which one a proxy
+    // or the issuer meant cannot be known (PROTOCOL.md, protocol hygiene).
+    let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
             .map_err(|e| HttpError::bad_request(format!("query: {e}")))?;
+    if pairs.iter().filter(|(k, _)| k == "token").count() > 1 {
+        return Err(HttpError::bad_request("token: given more than once"));
+    }
+    let params: HashMap<String, String> = pairs.into_iter().collect();
     let room = params
         .get("room")
         .map(|r| RoomId::parse(r))
@@ -207,15 +209,13 @@ async fn ws_upgrade(
         .map_err(|e| HttpError::bad_request(format!("expected a WebSocket upgrade: {e}")))?;
     let (format, subprotocol) = negotiate_format(format_param, &headers)?;
     let limit = shared.cfg.limits.max_frame_bytes;
-    let mut upgrade = upgrade
+    let config = WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(WS_WRITE_BUFFER)
-        .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
-        .max_message_size(limit)
-        .max_frame_size(limit);
-    if let Some(p) = subprotocol {
-        upgrade = upgrade.protocols([p]);
-    }
+        // tungstenite writes only its pongs and close replies, into a capture buffer;
+        // frames of ours never pass through it.
+        .write_buffer_size(0)
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit));
     let params = session::Params {
         user,
         format,
@@ -224,7 +224,11 @@ async fn ws_upgrade(
         ip: client_ip,
     };
     let sessions = shared.sessions.clone();
-    Ok(upgrade.on_upgrade(move |ws| sessions.track_future(session::run(ws, shared, params))))
+    let (response, session) = upgrade.respond(subprotocol, config, move |ws| {
+        session::run(ws, shared, params)
+    });
+    sessions.spawn(session);
+    Ok(response)
 }
 
 /// The frame format and the subprotocol to echo. The client's first `danmaku.v1.*`
@@ -335,10 +339,12 @@ fn room_param(room: &str) -> Result<RoomId, HttpError> {
     RoomId::parse(room).map_err(|e| HttpError::bad_request(e.message))
 }
 
-/// Parses a JSON body; the error names the field that failed.
+/// Parses a JSON body; the error names the field that failed. The body must be exactly
+/// one JSON value: anything but whitespace after it is refused (PROTOCOL.md, protocol
+/// hygiene), rather than silently ignored as a bare `Deserializer` would.
 fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." {
@@ -346,7 +352,10 @@ fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
         } else {
             HttpError::bad_request(format!("{path}: {inner}"))
         }
-    })
+    })?;
+    de.end()
+        .map_err(|e| HttpError::bad_request(format!("body: after the JSON value: {e}")))?;
+    Ok(value)
 }
 
 /// An event a backend posts into a room.

@@ -9,18 +9,23 @@
 //! Follow a chat message: [`edge`] accepts the connection (TLS, the client's address from
 //! a PROXY header) → [`http`] upgrades the socket → [`session`] decodes the frame
 //! ([`protocol`]) and checks it → [`hub`] queues it on the room → the room's flusher
-//! batches the window → each shard holding members pushes the shared frame into their
-//! bounded queues → each [`session`] writes it.
+//! batches the window, which [`hub::window`] encodes once per format into complete
+//! WebSocket frames ([`wire`]) within the outbound frame bound → each shard holding
+//! members pushes the shared frames into their bounded queues → each [`session`] writes
+//! them straight to its socket ([`session::socket`], taken back from hyper by
+//! [`upgrade`]).
 //!
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | `config.toml` + `GATEWAY_*` env → typed, validated [`config::Config`] |
 //! | [`protocol`] | frames, events, error and close codes, JSON/MessagePack codecs |
 //! | [`auth`] | HS256 JWT verification of client tokens |
-//! | [`edge`] | accepting: PROXY protocol, TLS (certificate reload), trusted proxies, `X-Forwarded-For` |
+//! | [`edge`] | accepting: the accept loop (deadline and cap until the first request), PROXY protocol, TLS (certificate reload), trusted proxies, `X-Forwarded-For` |
 //! | [`admission`] | per-node and per-IP connection caps, checked before the upgrade |
-//! | [`session`] | one connection: reads, writes, heartbeats, its rooms |
-//! | [`hub`] | rooms, flushers (batching, gift merging, chat budget) and shards (fan-out) |
+//! | [`upgrade`] | the WebSocket opening handshake; hands the session the raw socket |
+//! | [`session`] | one connection: reads (tungstenite validates), writes (shared frame bytes), heartbeats, its rooms |
+//! | [`wire`] | server frames as complete WebSocket bytes, encoded once and shared |
+//! | [`hub`] | rooms, flushers (batching, gift merging, chat budgets), encoded windows and shards (fan-out) |
 //! | [`ratelimit`] | per-user GCRA budgets for chat, free gifts, grabs, joins |
 //! | [`redpacket`] | red packets: split, exactly-once grabs, journal, expiry, events |
 //! | [`backplane`] | joins nodes: trait, `Local` (single node), Redis pub/sub + presence |
@@ -47,4 +52,6 @@ pub mod redpacket;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod upgrade;
 pub mod web;
+pub mod wire;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use danmaku_gateway::config::{self, Config};
+use danmaku_gateway::config::{self, Config, LimitsConfig};
 use danmaku_gateway::{server, shutdown};
 use tracing_subscriber::EnvFilter;
 
@@ -32,6 +32,37 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     socket.listen(BACKLOG)
 }
 
+/// Descriptors the gateway needs beyond its connections: the listener, Redis, the
+/// journal, logs, `/metrics` scrapes, HTTP API calls.
+const FD_HEADROOM: u64 = 1024;
+
+/// Raises the soft open-file limit to the hard one, and warns when it still cannot hold
+/// `limits.max_conns` sessions plus `limits.max_handshakes` connections waiting for
+/// their first request plus [`FD_HEADROOM`]: past it, `accept` fails (EMFILE) and new
+/// clients and health checks time out while the limits say there is room.
+fn raise_open_files(limits: &LimitsConfig) {
+    let needed = (limits.max_conns as u64)
+        .saturating_add(limits.max_handshakes as u64)
+        .saturating_add(FD_HEADROOM);
+    // An unlimited hard limit cannot be the soft one for descriptors (the kernel caps
+    // it at fs.nr_open); then ask for what is needed.
+    let raised = rlimit::increase_nofile_limit(u64::MAX)
+        .or_else(|_| rlimit::increase_nofile_limit(needed))
+        .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft));
+    match raised {
+        Ok(soft) if soft < needed => tracing::warn!(
+            open_files = soft,
+            needed,
+            "the open-file limit (ulimit -n, or LimitNOFILE= under systemd) is below \
+             limits.max_conns + limits.max_handshakes + {FD_HEADROOM}: raise it or lower \
+             those limits, else running out of descriptors makes new clients and \
+             /healthz fail"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit (RLIMIT_NOFILE)"),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -51,6 +82,7 @@ fn main() -> ExitCode {
             "auth.secret or api.token is the shipped development value: set your own before going live"
         );
     }
+    raise_open_files(&cfg.limits);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

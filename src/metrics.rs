@@ -48,8 +48,10 @@ pub const EDGE_HANDSHAKE_SECONDS: &str = "danmaku_edge_handshake_seconds";
 pub const EDGE_HANDSHAKES_IN_FLIGHT: &str = "danmaku_edge_handshakes_in_flight";
 pub const TLS_CERT_RELOADS: &str = "danmaku_tls_cert_reloads_total";
 
-/// Every `outcome` of [`EDGE_HANDSHAKES`].
-const EDGE_OUTCOMES: [&str; 8] = [
+/// Every `outcome` of [`EDGE_HANDSHAKES`]: `ok` (a first request head read), the ways a
+/// connection ends before one, and `shed` (accepted while `limits.max_handshakes`
+/// connections were already waiting for theirs: closed at once).
+const EDGE_OUTCOMES: [&str; 10] = [
     "ok",
     "closed",
     "proxy_untrusted",
@@ -57,7 +59,9 @@ const EDGE_OUTCOMES: [&str; 8] = [
     "proxy_invalid",
     "tls_error",
     "timeout",
+    "bad_request",
     "io_error",
+    "shed",
 ];
 
 /// Why a connection ended, as the `code` label of [`CONNECTIONS_CLOSED`].
@@ -70,6 +74,9 @@ pub enum CloseReason {
     /// A socket error or a stuck write.
     Error,
 }
+
+/// Series of [`CONNECTIONS_CLOSED`]: every gateway close code, plus `peer` and `error`.
+const CLOSED_LABELS: usize = CloseCode::ALL.len() + 2;
 
 /// Handles for everything counted per frame or per delivery.
 pub struct Hot {
@@ -88,7 +95,8 @@ pub struct Hot {
     pub broadcast_latency: Histogram,
     pub outbound_dropped: Counter,
     pub events_dropped: Counter,
-    closed: [Counter; 8],
+    /// One per [`CloseCode::ALL`] (same order), then `peer`, then `error`.
+    closed: [Counter; CLOSED_LABELS],
     errors: [Counter; ErrorCode::ALL.len()],
 }
 
@@ -96,8 +104,8 @@ impl Hot {
     pub fn closed(&self, reason: CloseReason) -> &Counter {
         let i = match reason {
             CloseReason::Code(c) => CloseCode::ALL.iter().position(|x| *x == c).unwrap_or(0),
-            CloseReason::Peer => 6,
-            CloseReason::Error => 7,
+            CloseReason::Peer => CloseCode::ALL.len(),
+            CloseReason::Error => CloseCode::ALL.len() + 1,
         };
         &self.closed[i]
     }
@@ -127,15 +135,22 @@ pub fn refused(reason: &'static str) {
     counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
 }
 
-/// Counts a finished edge handshake (PROXY header and/or TLS) by outcome, and its time.
+/// Counts a finished edge handshake (accept to first request head: PROXY header, TLS,
+/// the head itself) by outcome, and its time.
 pub fn edge_handshake(outcome: &'static str, took: std::time::Duration) {
     counter!(EDGE_HANDSHAKES, "outcome" => outcome).increment(1);
     histogram!(EDGE_HANDSHAKE_SECONDS).record(took.as_secs_f64());
 }
 
-/// Edge handshakes running right now.
+/// Connections waiting for their first request head right now (handshake slots held).
 pub fn edge_handshakes_in_flight() -> Gauge {
     gauge!(EDGE_HANDSHAKES_IN_FLIGHT)
+}
+
+/// The counter of connections shed (closed at accept: every handshake slot held);
+/// resolved once by the accept loop, which may count thousands a second under attack.
+pub fn edge_handshakes_shed() -> Counter {
+    counter!(EDGE_HANDSHAKES, "outcome" => "shed")
 }
 
 /// Counts a TLS certificate reload attempt (`ok` or `error`).
@@ -192,7 +207,15 @@ pub fn install() -> PrometheusHandle {
 /// Hot-path handles; call after [`install`] (earlier handles would be no-ops).
 pub fn hot() -> &'static Hot {
     HOT.get_or_init(|| {
-        let closed_label = |s: &'static str| counter!(CONNECTIONS_CLOSED, "code" => s);
+        // Labels derive from `CloseCode::ALL`, so a new close code gets its series.
+        let closed_label = |i: usize| {
+            let label = match CloseCode::ALL.get(i) {
+                Some(c) => c.code().to_string(),
+                None if i == CloseCode::ALL.len() => "peer".to_string(),
+                None => "error".to_string(),
+            };
+            counter!(CONNECTIONS_CLOSED, "code" => label)
+        };
         Hot {
             connections: gauge!(CONNECTIONS),
             connections_opened: counter!(CONNECTIONS_OPENED),
@@ -208,16 +231,7 @@ pub fn hot() -> &'static Hot {
             broadcast_latency: histogram!(BROADCAST_LATENCY),
             outbound_dropped: counter!(OUTBOUND_DROPPED),
             events_dropped: counter!(EVENTS_DROPPED),
-            closed: [
-                closed_label("1001"),
-                closed_label("1008"),
-                closed_label("1009"),
-                closed_label("4000"),
-                closed_label("4010"),
-                closed_label("1007"),
-                closed_label("peer"),
-                closed_label("error"),
-            ],
+            closed: std::array::from_fn(closed_label),
             errors: ErrorCode::ALL.map(|c| counter!(ERRORS, "code" => c.as_str())),
         }
     })
@@ -289,15 +303,15 @@ fn describe() {
     );
     describe_counter!(
         EDGE_HANDSHAKES,
-        "Connections through the edge (PROXY header and/or TLS), by outcome; all but ok are closed."
+        "Accepted connections by how their handshake (to the first request head) ended; all but ok are closed, shed ones at once."
     );
     describe_histogram!(
         EDGE_HANDSHAKE_SECONDS,
-        "Seconds from TCP accept to a finished PROXY header + TLS handshake (failed ones too)."
+        "Seconds from TCP accept to the first request head read (PROXY header and TLS included; failed ones too)."
     );
     describe_gauge!(
         EDGE_HANDSHAKES_IN_FLIGHT,
-        "Edge handshakes running now (accepting pauses at 1024)."
+        "Connections accepted and not yet past their first request head (more than limits.max_handshakes are shed)."
     );
     describe_counter!(
         TLS_CERT_RELOADS,

@@ -215,16 +215,21 @@ pub enum CloseCode {
     /// 1007: a text frame that is not UTF-8. RFC 6455 (§8.1) makes the endpoint fail
     /// the connection, so this is the one malformed frame that cannot get an `error`.
     InvalidPayload,
+    /// 1002: a frame that breaks RFC 6455 (reserved bits without an extension, an
+    /// unmasked client frame, an unknown opcode, a long or fragmented control frame, a
+    /// stray continuation). The framing is lost, so no `error` frame can follow.
+    ProtocolError,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 6] = [
+    pub const ALL: [CloseCode; 7] = [
         CloseCode::GoingAway,
         CloseCode::Policy,
         CloseCode::TooBig,
         CloseCode::Idle,
         CloseCode::SlowConsumer,
         CloseCode::InvalidPayload,
+        CloseCode::ProtocolError,
     ];
 
     pub fn code(self) -> u16 {
@@ -235,6 +240,7 @@ impl CloseCode {
             CloseCode::Idle => 4000,
             CloseCode::SlowConsumer => 4010,
             CloseCode::InvalidPayload => 1007,
+            CloseCode::ProtocolError => 1002,
         }
     }
 
@@ -246,6 +252,7 @@ impl CloseCode {
             CloseCode::Idle => "idle",
             CloseCode::SlowConsumer => "slow consumer",
             CloseCode::InvalidPayload => "text frame is not UTF-8",
+            CloseCode::ProtocolError => "protocol error",
         }
     }
 
@@ -449,10 +456,23 @@ fn check_id(field: &str, id: &str) -> Result<(), ProtoError> {
     Ok(())
 }
 
-/// Chat text: non-blank and at most `max` characters (not bytes).
+/// Invisible characters that `char::is_whitespace` does not count as whitespace: zero
+/// width space, non-joiner and joiner (U+200B..U+200D), word joiner (U+2060) and the
+/// zero-width no-break space / BOM (U+FEFF). A text of only these looks empty on screen.
+fn is_zero_width(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}')
+}
+
+/// Chat text: at most `max` characters (not bytes), and not blank: something must remain
+/// once whitespace and zero-width characters are removed (PROTOCOL.md, protocol hygiene).
+///
+/// # Errors
+/// `bad_request` for a blank text, `too_large` for an over-long one.
 pub fn check_text(text: &str, max: usize) -> Result<(), ProtoError> {
-    if text.trim().is_empty() {
-        return Err(ProtoError::bad_request("text: must not be empty"));
+    if text.chars().all(|c| c.is_whitespace() || is_zero_width(c)) {
+        return Err(ProtoError::bad_request(
+            "text: must not be empty (whitespace and zero-width characters do not count)",
+        ));
     }
     let chars = text.chars().count();
     if chars > max {
@@ -679,6 +699,22 @@ mod tests {
         assert_eq!(e.code, ErrorCode::BadRequest);
         let (_, e) = json(r#"{"op":"chat","room":7,"text":"x"}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn blank_text_is_refused() {
+        for blank in [
+            "",
+            "   ",
+            "\u{200B}",
+            " \u{200C}\u{200D}\t",
+            "\u{2060}\u{FEFF}\n",
+        ] {
+            let e = check_text(blank, 200).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{blank:?}");
+        }
+        assert!(check_text("\u{200B} hi", 200).is_ok());
+        assert!(check_text("\u{FEFF}弹", 200).is_ok());
     }
 
     #[test]

@@ -2,11 +2,11 @@
 //! graceful drain when the shutdown future resolves.
 //!
 //! `run` takes the listener and the shutdown future (as mini-redis does) so tests bind
-//! port 0 and trigger the drain themselves. With TLS or the PROXY protocol configured the
-//! listener is served through [`crate::edge`]; otherwise as a plain `TcpListener`.
+//! port 0 and trigger the drain themselves. Every listener, plain or with TLS or the
+//! PROXY protocol, is served by [`crate::edge`]'s accept loop ([`Edge::serve`]), which
+//! bounds connections that have not sent a request yet.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -135,6 +135,7 @@ pub async fn run(
     let hub = Hub::start(
         node.clone(),
         cfg.room.clone(),
+        cfg.limits.max_out_frame_bytes,
         cfg.shard_count(),
         Arc::clone(&backplane),
         &stop,
@@ -202,26 +203,26 @@ pub async fn run(
         "serving"
     );
 
+    // Stops accepting and drains HTTP connections (not upgraded sessions: see below).
     let stop_http = CancellationToken::new();
-    let app = http::router(Arc::clone(&shared)).into_make_service_with_connect_info::<SocketAddr>();
-    let mut server = if edge.is_plain() {
-        let server =
-            axum::serve(listener, app).with_graceful_shutdown(stop_http.clone().cancelled_owned());
-        tokio::spawn(async move { server.await })
-    } else {
-        // `tap_io` is how a custom listener gets `ConnectInfo<SocketAddr>`: axum implements
-        // `Connected` for any `TapIo` whose address is a `SocketAddr` (here the client's).
-        let listener = axum::serve::ListenerExt::tap_io(edge.listen(listener)?, |_| {});
-        let server =
-            axum::serve(listener, app).with_graceful_shutdown(stop_http.clone().cancelled_owned());
-        tokio::spawn(async move { server.await })
-    };
+    let app = http::router(Arc::clone(&shared));
+    let mut server = tokio::spawn(edge.serve(
+        listener,
+        app,
+        shared.cfg.limits.max_handshakes,
+        stop_http.clone(),
+    ));
 
     tokio::select! {
         res = &mut server => {
-            // The listener died on its own: stop everything and report it.
+            // The accept loop ended on its own (it only ends when stopped, so it died):
+            // stop everything and report it.
             stop.cancel();
-            return res.unwrap_or_else(|e| Err(std::io::Error::other(e))).map_err(ServerError::Serve);
+            let e = match res {
+                Ok(()) => std::io::Error::other("the listener stopped accepting"),
+                Err(e) => std::io::Error::other(e),
+            };
+            return Err(ServerError::Serve(e));
         }
         _ = shutdown => {}
     }

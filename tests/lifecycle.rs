@@ -221,6 +221,8 @@ async fn slow_consumer_loses_chat_then_is_closed_4010_for_undroppable_events() {
         c.limits.max_text_chars = chars;
         c.room.history_len = 5;
         c.room.presence_ms = 60_000;
+        // The flood must reach the member; the byte budget would sample it out.
+        c.room.max_chat_bytes_per_s = 0;
     })
     .await;
     // Small kernel buffers, so the socket backs up after a few megabytes at most.

@@ -143,6 +143,28 @@ impl Target {
         }
     }
 
+    /// The source addresses connections are bound to (empty: the kernel's choice).
+    pub fn sources(&self) -> &[IpAddr] {
+        &self.sources
+    }
+
+    /// With no source addresses given and every endpoint on IPv4 loopback, spreads
+    /// connections over 127.0.0.1..=127.0.0.`n` (each reaches ~28k ports per endpoint:
+    /// one alone runs out of ports for large silent or idle crowds). True if it did.
+    pub fn spread_loopback_sources(&mut self, n: u8) -> bool {
+        let loopback = self
+            .endpoints
+            .iter()
+            .all(|e| e.server.is_ipv4() && e.server.ip().is_loopback());
+        if !self.sources.is_empty() || !loopback || n == 0 {
+            return false;
+        }
+        self.sources = (1..=n)
+            .map(|i| IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i)))
+            .collect();
+        true
+    }
+
     fn endpoint(&self, index: usize) -> &Endpoint {
         &self.endpoints[index % self.endpoints.len()]
     }
@@ -217,7 +239,10 @@ impl Target {
     }
 
     /// TCP connect to connection `index`'s endpoint, from its source address if any.
-    async fn tcp_connect(&self, index: usize) -> Result<TcpStream, Failure> {
+    ///
+    /// # Errors
+    /// A [`Failure`] (socket, bind or connect) saying why.
+    pub async fn tcp_connect(&self, index: usize) -> Result<TcpStream, Failure> {
         let server = self.endpoint(index).server;
         let stream = if let Some(source) = self.source(index) {
             let socket = if source.is_ipv4() {
@@ -392,6 +417,24 @@ mod tests {
         assert!(check_ws_url("http://h/ws").is_err());
         assert!(check_ws_url("ws://h/ws?room=a").is_err());
         assert!(check_ws_url("not a url").is_err());
+    }
+
+    #[tokio::test]
+    async fn loopback_targets_spread_over_loopback_sources_unless_given() {
+        let urls = ["ws://127.0.0.1:1/ws".to_string()];
+        let mut t = Target::resolve(&urls, Vec::new(), Format::Json, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(t.spread_loopback_sources(3));
+        let sources: Vec<String> = t.sources().iter().map(ToString::to_string).collect();
+        assert_eq!(sources, ["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
+        assert!(!t.spread_loopback_sources(3), "sources already set");
+        let given = vec!["127.0.0.9".parse().unwrap()];
+        let mut t = Target::resolve(&urls, given, Format::Json, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(!t.spread_loopback_sources(8));
+        assert_eq!(t.sources().len(), 1);
     }
 
     #[tokio::test]

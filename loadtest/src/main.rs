@@ -1,6 +1,6 @@
 //! `loadtest`: load generator for the danmaku WebSocket gateway.
 //!
-//! Six scenarios, each a bounded run that ends by itself and prints one report
+//! Seven scenarios, each a bounded run that ends by itself and prints one report
 //! (a table, or one JSON object with `--json`) on stdout, with a progress line on stderr
 //! every second:
 //!
@@ -10,10 +10,13 @@
 //! - `redpacket`: a grab storm on one packet; latency, exact sums, server and journal.
 //! - `idle`: hold N idle viewers; with `--pid`, the gateway's RSS per connection.
 //! - `storm`: open N connections as fast as a concurrency allows; time to all joined.
+//! - `slowloris`: N silent TCP connections; time until the gateway has shed them all, and
+//!   `/healthz` latency and failures meanwhile.
 //!
 //! Exit status: 0 when the run met its criteria, 1 when it did not (a connection failed
 //! in `idle`/`storm`, a grab failed or a sum mismatched in `redpacket`, the delivery
-//! ratio was below `--min-delivery-ratio`, or an `--slo` was missed), 2 on a setup error.
+//! ratio was below `--min-delivery-ratio`, a silent connection was never shed or a health
+//! check failed in `slowloris`, or an `--slo` was missed), 2 on a setup error.
 //!
 //! Modules: [`client`] (connect, bind, WebSocket config, round-robin targets), [`proto`]
 //! (wire frames), [`http`] (the backend API), [`auth`] (JWT minting), [`report`]
@@ -39,6 +42,7 @@ use report::Report;
 use scenarios::fanout::{FanoutArgs, RoomsArgs, SoakArgs};
 use scenarios::idle::IdleArgs;
 use scenarios::redpacket::RedpacketArgs;
+use scenarios::slowloris::SlowlorisArgs;
 use scenarios::storm::StormArgs;
 
 #[derive(Debug, Parser)]
@@ -72,6 +76,8 @@ enum Command {
     Idle(IdleArgs),
     /// Connect storm: N connections at concurrency C; time to all joined.
     Storm(StormArgs),
+    /// N silent TCP connections: time until the gateway shed them all; /healthz meanwhile.
+    Slowloris(SlowlorisArgs),
 }
 
 fn main() -> ExitCode {
@@ -125,6 +131,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         )),
         Command::Idle(args) => Ok(finish(&scenarios::idle::run(args, nofile).await?, json)),
         Command::Storm(args) => Ok(finish(&scenarios::storm::run(args, nofile).await?, json)),
+        Command::Slowloris(args) => Ok(finish(
+            &scenarios::slowloris::run(args, nofile).await?,
+            json,
+        )),
     }
 }
 
@@ -172,7 +182,15 @@ mod tests {
 
     #[test]
     fn slo_flags_parse_on_every_scenario() {
-        for scenario in ["fanout", "rooms", "soak", "redpacket", "idle", "storm"] {
+        for scenario in [
+            "fanout",
+            "rooms",
+            "soak",
+            "redpacket",
+            "idle",
+            "storm",
+            "slowloris",
+        ] {
             let cli = parse(&[
                 scenario,
                 "--slo",
@@ -187,6 +205,7 @@ mod tests {
                 Command::Redpacket(a) => a.conn,
                 Command::Idle(a) => a.conn,
                 Command::Storm(a) => a.conn,
+                Command::Slowloris(a) => a.conn,
             };
             let slo = conn.slo.slo();
             assert_eq!((slo.delivery, slo.p99_ms), (Some(0.999), Some(80.0)));

@@ -4,7 +4,7 @@
 //! first attempt of every third connection, to exercise retries), and the HTTP API's
 //! red-packet create/status on the same port, with a settlement log in a directory.
 //! Checked: delivery accounting, both wire formats, several targets, the JSON reports,
-//! SLOs and the exit codes.
+//! SLOs and the exit codes; and, against a bare mock edge, the `slowloris` scenario.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
@@ -683,4 +683,92 @@ fn several_targets_share_the_connections() {
     assert_eq!(code, 1, "{r}");
     assert_eq!(r["all_succeeded"], true, "{r}");
     assert_eq!(r["slo"][0]["met"], false, "{r}");
+}
+
+/// A mock edge for `slowloris`: answers `GET /healthz` with 200, and closes a connection
+/// that sent nothing after `close_after` (never, when `None`).
+fn start_edge_mock(close_after: Option<std::time::Duration>) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 256];
+                    let read = tcp.read(&mut buf);
+                    let n = match close_after {
+                        Some(after) => match tokio::time::timeout(after, read).await {
+                            Ok(r) => r.unwrap_or(0),
+                            Err(_) => return,
+                        },
+                        None => read.await.unwrap_or(0),
+                    };
+                    if buf[..n].starts_with(b"GET /healthz") {
+                        let _ = tcp
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                    } else {
+                        // Silent for good: hold it.
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+    });
+    rx.recv().unwrap()
+}
+
+#[test]
+fn slowloris_measures_the_shedding_and_fails_when_connections_stay() {
+    let addr = start_edge_mock(Some(std::time::Duration::from_millis(300)));
+    let url = format!("ws://{addr}/ws");
+    let (code, r) = loadtest(&[
+        "slowloris",
+        "--url",
+        &url,
+        "--conns",
+        "60",
+        "--concurrency",
+        "16",
+        "--healthz-every-ms",
+        "50",
+        "--max-hold",
+        "5",
+    ]);
+    assert_eq!(code, 0, "{r}");
+    let silent = &r["silent"];
+    assert_eq!(silent["connected"], 60, "{r}");
+    assert_eq!(silent["eof"], 60, "{r}");
+    assert_eq!(silent["all_shed"], true, "{r}");
+    assert!(silent["held"]["p50_ms"].as_f64().unwrap() >= 250.0, "{r}");
+    assert!(
+        silent["time_to_all_shed_s"].as_f64().unwrap() >= 0.25,
+        "{r}"
+    );
+    // Spread over loopback source addresses by default.
+    assert_eq!(r["sources"].as_array().unwrap().len(), 8, "{r}");
+    let healthz = &r["healthz"];
+    assert!(healthz["ok"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(healthz["ok"], healthz["requests"], "{r}");
+    assert_eq!(healthz["latency"]["count"], healthz["ok"], "{r}");
+
+    // A server that never sheds them fails the run.
+    let addr = start_edge_mock(None);
+    let url = format!("ws://{addr}/ws");
+    let (code, r) = loadtest(&[
+        "slowloris",
+        "--url",
+        &url,
+        "--conns",
+        "10",
+        "--max-hold",
+        "0.5",
+    ]);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["silent"]["never_shed"], 10, "{r}");
+    assert_eq!(r["silent"]["all_shed"], false, "{r}");
+    assert_eq!(r["passed"], false, "{r}");
 }

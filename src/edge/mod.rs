@@ -1,20 +1,25 @@
-//! The edge: everything between a TCP accept and the first HTTP byte, for a gateway
+//! The edge: everything between a TCP accept and the first HTTP request, for a gateway
 //! behind an L4 load balancer. It owns who the client is (the PROXY protocol header, and
-//! the trust rule shared with `X-Forwarded-For` in [`trust`]) and TLS ([`tls`], with
-//! certificates reloaded in place).
+//! the trust rule shared with `X-Forwarded-For` in [`trust`]), TLS ([`tls`], with
+//! certificates reloaded in place), and the accept loop that serves every listener
+//! ([`serve`]).
 //!
-//! [`Edge::listen`] gives axum a [`Listener`] whose `accept` only takes finished
-//! connections off a queue: each connection's handshake (PROXY header, then TLS) runs in
-//! its own task, at most [`MAX_HANDSHAKES`] at once, within `server.handshake_timeout_ms`,
-//! so a slow or malicious client stalls nobody but itself. While the cap is reached the
-//! acceptor stops accepting and new connections wait in the kernel's backlog. The address
-//! handed to axum (and so `ConnectInfo`, per-IP limits and logs) is the client's: the one
-//! a trusted PROXY header carried, else the TCP peer.
+//! Every listener goes through the edge, plain ones included: a connection that has not
+//! yet sent a request head costs a descriptor and a task and is counted nowhere else
+//! (`limits.max_conns` counts upgraded sessions only), so the edge is where such
+//! connections are bounded. From TCP accept to its first request head a connection holds
+//! one of `limits.max_handshakes` slots and has `server.handshake_timeout_ms`, PROXY
+//! header and TLS included ([`serve`] says how). Each handshake runs in the connection's
+//! own task, so a slow or malicious client stalls nobody but itself. The address handed
+//! to the router (`ConnectInfo`, and so per-IP limits and logs) is the client's: the one a
+//! trusted PROXY header carried, else the TCP peer.
 //!
-//! With TLS off and `server.proxy_protocol = "off"` the edge is not used at all: the
-//! server serves the plain `TcpListener` as it always has ([`Edge::is_plain`]).
+//! This file holds the parts every connection goes through in order: [`Edge`] (the
+//! configuration, and `Edge::handshake`: PROXY header, then TLS), and the IO types the
+//! router's upgrade gets back ([`EdgeIo`], [`Rewind`]).
 
 pub mod proxy;
+pub mod serve;
 pub mod tls;
 pub mod trust;
 
@@ -24,28 +29,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::serve::Listener;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ProxyProtocol, ServerConfig};
-use crate::metrics;
 use proxy::ProxyError;
 use tls::{CertStore, TlsError};
 use trust::Trusted;
-
-/// Handshakes (PROXY header + TLS) in flight at once; beyond, accepting pauses.
-pub const MAX_HANDSHAKES: usize = 1024;
-/// Finished connections waiting for axum's accept loop (which only spawns a task each).
-const READY_QUEUE: usize = 256;
 
 /// Why the edge could not be set up; the gateway does not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,23 +53,34 @@ pub enum EdgeError {
     Trusted(String),
 }
 
-/// Why one connection's handshake failed; it is closed, nothing else happens.
+/// Why a connection ended before its first request head; it is closed, nothing else
+/// happens.
 #[derive(Debug, thiserror::Error)]
 enum HandshakeError {
     #[error(transparent)]
     Proxy(#[from] ProxyError),
     #[error("TLS handshake: {0}")]
     Tls(io::Error),
-    #[error("handshake not done within server.handshake_timeout_ms")]
+    #[error("no request head within server.handshake_timeout_ms of accept")]
     Timeout,
+    #[error("closed before sending a request")]
+    Closed,
+    #[error("before the first request: {0}")]
+    Http(hyper::Error),
 }
 
 impl HandshakeError {
+    /// The `outcome` label of `danmaku_edge_handshakes_total`.
     fn label(&self) -> &'static str {
         match self {
             Self::Proxy(e) => e.label(),
             Self::Tls(_) => "tls_error",
             Self::Timeout => "timeout",
+            Self::Closed => "closed",
+            Self::Http(e) if e.is_timeout() => "timeout",
+            Self::Http(e) if e.is_incomplete_message() => "closed",
+            Self::Http(e) if e.is_parse() || e.is_parse_too_large() => "bad_request",
+            Self::Http(_) => "io_error",
         }
     }
 }
@@ -109,7 +117,8 @@ impl Edge {
         })
     }
 
-    /// Neither TLS nor PROXY protocol: the plain listener does.
+    /// Neither TLS nor the PROXY protocol: a connection's handshake is its request head
+    /// alone (it still goes through [`Edge::serve`], deadline and cap included).
     pub fn is_plain(&self) -> bool {
         self.tls.is_none() && self.proxy == ProxyProtocol::Off
     }
@@ -127,20 +136,6 @@ impl Edge {
         if let Some((_, store)) = &self.tls {
             store.watch(stop, tasks);
         }
-    }
-
-    /// Starts accepting on `listener`; handshakes run until the returned listener is
-    /// dropped (axum drops it when it stops serving).
-    pub fn listen(self, listener: TcpListener) -> io::Result<EdgeListener> {
-        let local = listener.local_addr()?;
-        let stop = CancellationToken::new();
-        let (tx, rx) = mpsc::channel(READY_QUEUE);
-        tokio::spawn(accept_loop(listener, Arc::new(self), tx, stop.clone()));
-        Ok(EdgeListener {
-            rx,
-            local,
-            _stop: stop.drop_guard(),
-        })
     }
 
     /// One connection: PROXY header (if configured), then TLS (if configured).
@@ -169,131 +164,35 @@ impl Edge {
     }
 }
 
-/// The [`Listener`] axum serves: finished connections, with the client's address.
-pub struct EdgeListener {
-    rx: mpsc::Receiver<(EdgeIo, SocketAddr)>,
-    local: SocketAddr,
-    /// Stops the acceptor and every handshake in flight when axum drops the listener.
-    _stop: DropGuard,
-}
+/// Warnings about hostile or misconfigured traffic are logged at most this often each.
+const WARN_EVERY_S: u64 = 10;
 
-impl Listener for EdgeListener {
-    type Io = EdgeIo;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (EdgeIo, SocketAddr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The acceptor only ends when this listener is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.local)
-    }
-}
-
-/// Accepts while a handshake slot is free, and hands each connection to its own task.
-async fn accept_loop(
-    listener: TcpListener,
-    edge: Arc<Edge>,
-    ready: mpsc::Sender<(EdgeIo, SocketAddr)>,
-    stop: CancellationToken,
-) {
-    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let in_flight = metrics::edge_handshakes_in_flight();
-    loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(conn) => conn,
-                Err(e) => {
-                    accept_error(e).await;
-                    continue;
-                }
-            },
-        };
-        let (edge, ready, stop, in_flight) = (
-            Arc::clone(&edge),
-            ready.clone(),
-            stop.clone(),
-            in_flight.clone(),
-        );
-        in_flight.increment(1.0);
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let result = tokio::select! {
-                _ = stop.cancelled() => None,
-                r = tokio::time::timeout(edge.timeout, edge.handshake(tcp, peer)) => {
-                    Some(r.unwrap_or(Err(HandshakeError::Timeout)))
-                }
-            };
-            in_flight.decrement(1.0);
-            match result {
-                None => {}
-                Some(Ok(conn)) => {
-                    metrics::edge_handshake("ok", started.elapsed());
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = ready.send(conn) => {}
-                    }
-                }
-                Some(Err(e)) => {
-                    metrics::edge_handshake(e.label(), started.elapsed());
-                    report(peer, &e);
-                }
-            }
-            drop(permit);
-        });
-    }
-}
-
-/// Logs a failed handshake: at debug level (scanners and dropped mobile connections are
-/// routine), except a PROXY trust mismatch, which usually means `server.trusted_proxies`
-/// or the balancer is misconfigured: warned at most every [`WARN_EVERY_S`].
+/// Logs a connection that ended before its first request: at debug level (scanners,
+/// TCP health checks and dropped mobile connections are routine), except a PROXY trust
+/// mismatch, which usually means `server.trusted_proxies` or the balancer is
+/// misconfigured: warned at most every [`WARN_EVERY_S`].
 fn report(peer: SocketAddr, e: &HandshakeError) {
-    const WARN_EVERY_S: u64 = 10;
     static LAST_WARN: AtomicU64 = AtomicU64::new(0);
     let misconfigured = matches!(
         e,
         HandshakeError::Proxy(ProxyError::Untrusted | ProxyError::Missing)
     );
-    if misconfigured {
-        let now = crate::protocol::now_ms() / 1000;
-        let last = LAST_WARN.load(Ordering::Relaxed);
-        if now >= last + WARN_EVERY_S
-            && LAST_WARN
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(%peer, error = %e, "connection refused (see server.trusted_proxies; counted in danmaku_edge_handshakes_total)");
-            return;
-        }
+    if misconfigured && warn_due(&LAST_WARN) {
+        tracing::warn!(%peer, error = %e, "connection refused (see server.trusted_proxies; counted in danmaku_edge_handshakes_total)");
+        return;
     }
     tracing::debug!(%peer, error = %e, "handshake failed");
 }
 
-/// As axum's own listener: a connection that died in the backlog is skipped; anything
-/// else (out of file descriptors) is logged and accepting pauses a second.
-async fn accept_error(e: io::Error) {
-    if matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    ) {
-        return;
-    }
-    tracing::error!(error = %e, "accept failed");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+/// Whether a warning guarded by `last` (seconds since the epoch of the last one) may be
+/// logged now: at most one every [`WARN_EVERY_S`], so an attack cannot flood the log.
+fn warn_due(last: &AtomicU64) -> bool {
+    let now = crate::protocol::now_ms() / 1000;
+    let seen = last.load(Ordering::Relaxed);
+    now >= seen + WARN_EVERY_S
+        && last
+            .compare_exchange(seen, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// A connection after its handshake.
@@ -315,6 +214,12 @@ impl<S> Rewind<S> {
             replay: (!replay.is_empty()).then_some(replay),
             inner,
         }
+    }
+
+    /// The inner stream and the bytes not yet replayed from it (empty if none): those
+    /// read past a PROXY header (or while looking for one) that no reader has had yet.
+    pub fn into_parts(self) -> (S, Bytes) {
+        (self.inner, self.replay.unwrap_or_default())
     }
 }
 
@@ -451,5 +356,18 @@ mod tests {
             assert_eq!(&two, want);
         }
         assert!(r.replay.is_none());
+    }
+
+    #[tokio::test]
+    async fn rewind_into_parts_gives_back_what_was_not_replayed() {
+        let (_a, b) = tokio::io::duplex(64);
+        let mut r = Rewind::new(b, Bytes::from_static(b"abcdef"));
+        let mut two = [0u8; 2];
+        r.read_exact(&mut two).await.unwrap();
+        let (_inner, rest) = r.into_parts();
+        assert_eq!(&rest[..], b"cdef");
+        let (_a, b) = tokio::io::duplex(64);
+        let (_inner, rest) = Rewind::new(b, Bytes::new()).into_parts();
+        assert!(rest.is_empty());
     }
 }

@@ -472,6 +472,7 @@ mod tests {
         let hub = Hub::start(
             Arc::from("t"),
             RoomConfig::default(),
+            crate::config::MIN_OUT_FRAME_BYTES,
             1,
             Arc::new(Local),
             &cancel,

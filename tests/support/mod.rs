@@ -1512,3 +1512,15 @@ pub async fn cluster_node(cluster: &RedisCluster, id: &str) -> Gateway {
     })
     .await
 }
+
+/// A client token (HS256, [`SECRET`]) carrying exactly `claims`: for claims
+/// [`token`]/[`token_exp`] cannot express (`nbf`, a missing `sub`, extra fields).
+pub fn token_claims(claims: &Value) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("HS256 signing with an HMAC key cannot fail")
+}

@@ -1,4 +1,4 @@
-//! The scenarios (`fanout`/`rooms`/`soak`, `redpacket`, `idle`, `storm`) and what they
+//! The scenarios (`fanout`/`rooms`/`soak`, `redpacket`, `idle`, `storm`, `slowloris`) and what they
 //! share: the connection and SLO options common to all of them ([`ConnArgs`]), the
 //! bounded-concurrency connect phase with its bookkeeping ([`ConnectTracker`]), the
 //! bounded wait for connection tasks to end, and a small jitter RNG ([`Rng`]).
@@ -10,6 +10,7 @@ pub mod crowd;
 pub mod fanout;
 pub mod idle;
 pub mod redpacket;
+pub mod slowloris;
 pub mod storm;
 
 use std::collections::BTreeMap;

@@ -10,9 +10,10 @@
 //!   members of the room. A room's events are thus ordered in one place, so every member
 //!   on every shard sees the same order, and one window costs one frame per member.
 //! - **Shards** (N = cores by default) each own the local members of the connections
-//!   hashed to them, per room. A shard turns a batch into a message once per format
-//!   (`OnceLock`, shared by all shards) and pushes a refcounted clone into each member's
-//!   bounded queue. A giant room is spread over every shard, so its fan-out uses every
+//!   hashed to them, per room. A shard takes a window's frames for each member's format
+//!   ([`window`]: complete WebSocket frames, encoded once per format, cut to stay within
+//!   `limits.max_out_frame_bytes`, shared by all shards) and pushes refcounted clones
+//!   into each member's bounded queue. A giant room is spread over every shard, so its fan-out uses every
 //!   core, and a slow member never blocks it: a full queue drops a droppable batch (chat,
 //!   presence) or marks the connection to be closed with 4010.
 //! - Flushers wait on shards (bounded channels, backpressure), shards never wait on
@@ -26,10 +27,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::Message;
+use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -39,7 +40,11 @@ use tokio_util::task::TaskTracker;
 use crate::backplane::Backplane;
 use crate::config::RoomConfig;
 use crate::metrics;
-use crate::protocol::{CloseCode, Event, EventBody, Format, RoomId, ServerFrame, now_ms};
+use crate::protocol::{CloseCode, Event, EventBody, Format, RoomId, now_ms};
+
+pub mod window;
+
+pub use window::Batch;
 
 /// Connection ids are unique per node and never reused while the process lives.
 pub type ConnId = u64;
@@ -84,12 +89,30 @@ pub struct Conn {
 #[derive(Default)]
 struct OutQueue {
     frames: VecDeque<Outbound>,
+    /// Bytes of the front frame already on the wire (a partial write).
+    written: usize,
     closed: bool,
+}
+
+/// What one [`Conn::write_front`] took off the queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Frames written whole.
+    pub frames: u64,
+    pub bytes: u64,
+    /// When the oldest event of the first frame finished was accepted.
+    pub oldest: Option<Instant>,
+    /// The front frame is only partly written: more must be written before anything
+    /// else goes on this socket.
+    pub partial: bool,
+    /// Frames are still queued.
+    pub more: bool,
 }
 
 /// One frame in a member's outbound queue.
 pub struct Outbound {
-    pub msg: Message,
+    /// A complete WebSocket frame, shared with every other member it goes to.
+    pub frame: Bytes,
     /// When the oldest event in it was accepted, for the end-to-end latency histogram.
     pub accepted: Instant,
 }
@@ -118,7 +141,7 @@ impl Conn {
     }
 
     /// Queues `msg` without waiting; applies the slow-consumer policy when full.
-    pub fn push(&self, msg: &Message, accepted: Instant, droppable: bool) -> Push {
+    pub fn push(&self, frame: &Bytes, accepted: Instant, droppable: bool) -> Push {
         {
             let mut q = self.queue.lock().expect("outbound lock");
             if q.closed {
@@ -133,7 +156,7 @@ impl Conn {
                 return Push::Killed;
             }
             q.frames.push_back(Outbound {
-                msg: msg.clone(),
+                frame: frame.clone(),
                 accepted,
             });
         }
@@ -143,23 +166,82 @@ impl Conn {
 
     /// The oldest queued frame, if any.
     pub fn try_next(&self) -> Option<Outbound> {
-        self.queue.lock().expect("outbound lock").frames.pop_front()
+        let mut q = self.queue.lock().expect("outbound lock");
+        q.written = 0;
+        q.frames.pop_front()
     }
 
-    /// The oldest queued frame, waiting for one. Only the connection's session calls it.
-    pub async fn next(&self) -> Outbound {
+    /// Resolves once a frame is queued (it stays queued). Only the session calls it.
+    pub async fn queued(&self) {
         loop {
-            if let Some(out) = self.try_next() {
-                return out;
+            if !self.queue.lock().expect("outbound lock").frames.is_empty() {
+                return;
             }
             self.queued.notified().await;
         }
+    }
+
+    /// Offers the unwritten bytes of up to `max` queued frames to `write` (one vectored
+    /// write) and takes off the queue what it wrote. The queue lock is held for this
+    /// one call, never across an await; the frames stay shared (nothing is copied), so a
+    /// member that stops reading holds references, not bytes.
+    ///
+    /// # Errors
+    /// `write`'s error.
+    pub fn write_front(
+        &self,
+        max: usize,
+        write: impl FnOnce(&[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>>,
+    ) -> std::task::Poll<std::io::Result<Written>> {
+        use std::io::IoSlice;
+        use std::task::Poll;
+        const MAX: usize = 16;
+        let mut q = self.queue.lock().expect("outbound lock");
+        let n = q.frames.len().min(max).min(MAX);
+        if n == 0 {
+            return Poll::Ready(Ok(Written::default()));
+        }
+        let mut slices = [IoSlice::new(&[]); MAX];
+        for (i, out) in q.frames.iter().take(n).enumerate() {
+            let skip = if i == 0 { q.written } else { 0 };
+            slices[i] = IoSlice::new(&out.frame[skip..]);
+        }
+        let mut left = match write(&slices[..n]) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(k)) => k,
+        };
+        let mut done = Written {
+            bytes: left as u64,
+            ..Written::default()
+        };
+        while left > 0 {
+            let Some(front) = q.frames.front() else {
+                break;
+            };
+            let rest = front.frame.len() - q.written;
+            if left >= rest {
+                left -= rest;
+                let out = q.frames.pop_front().expect("front exists");
+                q.written = 0;
+                done.frames += 1;
+                done.oldest.get_or_insert(out.accepted);
+            } else {
+                q.written += left;
+                left = 0;
+            }
+        }
+        done.partial = q.written > 0;
+        done.more = !q.frames.is_empty();
+        Poll::Ready(Ok(done))
     }
 
     /// The session has ended: refuse further frames and free the queued ones.
     pub fn close_queue(&self) {
         let mut q = self.queue.lock().expect("outbound lock");
         q.closed = true;
+        q.written = 0;
         q.frames = VecDeque::new();
     }
 
@@ -183,51 +265,6 @@ impl Conn {
                 return c;
             }
         }
-    }
-}
-
-/// One window of one room's events, encoded lazily once per format and shared.
-pub struct Batch {
-    pub room: RoomId,
-    /// The room's batch number (1, 2, ...), against which joiners skip what their
-    /// `joined.history` already holds.
-    pub seq: u64,
-    pub events: Vec<Arc<Event>>,
-    /// True when every event may be dropped for a slow consumer.
-    pub droppable: bool,
-    /// When the window's first event was accepted on this node.
-    pub accepted: Instant,
-    json: OnceLock<Message>,
-    msgpack: OnceLock<Message>,
-}
-
-impl Batch {
-    pub fn new(room: RoomId, seq: u64, events: Vec<Arc<Event>>, accepted: Instant) -> Self {
-        let droppable = events.iter().all(|e| e.body.droppable());
-        Self {
-            room,
-            seq,
-            events,
-            droppable,
-            accepted,
-            json: OnceLock::new(),
-            msgpack: OnceLock::new(),
-        }
-    }
-
-    /// The encoded frame for `format`; the first caller encodes, everyone shares it.
-    pub fn message(&self, format: Format) -> &Message {
-        let cell = match format {
-            Format::Json => &self.json,
-            Format::Msgpack => &self.msgpack,
-        };
-        cell.get_or_init(|| {
-            ServerFrame::Batch {
-                room: &self.room,
-                events: &self.events,
-            }
-            .encode(format)
-        })
     }
 }
 
@@ -266,6 +303,8 @@ struct RoomState {
     chat_window: Instant,
     /// Chat broadcast in the current window (against `room.max_chat_per_s`).
     chat_in_window: u64,
+    /// Their weight ([`chat_weight`]) against `room.max_chat_bytes_per_s`.
+    chat_bytes_in_window: u64,
     /// `grab` events in the current window (against `room.max_grab_events`).
     grabs_in_window: u64,
     /// Client gift events in the current window (against `room.max_gift_events`).
@@ -308,6 +347,8 @@ pub struct Hub(Arc<Inner>);
 struct Inner {
     node: Arc<str>,
     cfg: RoomConfig,
+    /// `limits.max_out_frame_bytes`: windows are cut into frames within it.
+    max_frame: usize,
     rooms: DashMap<RoomId, Arc<Room>>,
     shards: Box<[flume::Sender<ShardCmd>]>,
     /// Per flusher, the rooms with pending events.
@@ -325,6 +366,7 @@ impl Hub {
     pub fn start(
         node: Arc<str>,
         cfg: RoomConfig,
+        max_frame: usize,
         shards: usize,
         backplane: Arc<dyn Backplane>,
         cancel: &CancellationToken,
@@ -342,6 +384,7 @@ impl Hub {
         let hub = Hub(Arc::new(Inner {
             node,
             cfg,
+            max_frame,
             rooms: DashMap::new(),
             shards: senders.into(),
             dirty: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
@@ -395,6 +438,7 @@ impl Hub {
                     gifts: HashMap::new(),
                     chat_window: Instant::now(),
                     chat_in_window: 0,
+                    chat_bytes_in_window: 0,
                     grabs_in_window: 0,
                     gifts_in_window: 0,
                     flushed: 0,
@@ -591,17 +635,26 @@ impl Hub {
                 let index = st.pending.len();
                 st.gifts.insert(key, index);
             }
-            EventBody::Chat { .. } if self.0.cfg.max_chat_per_s > 0 => {
+            EventBody::Chat { user, text }
+                if self.0.cfg.max_chat_per_s > 0 || self.0.cfg.max_chat_bytes_per_s > 0 =>
+            {
                 if st.chat_window.elapsed() >= Duration::from_secs(1) {
                     st.chat_window = Instant::now();
                     st.chat_in_window = 0;
+                    st.chat_bytes_in_window = 0;
                 }
-                if st.chat_in_window >= self.0.cfg.max_chat_per_s {
+                let weight = chat_weight(&user.id, &user.name, text);
+                let (count_cap, bytes_cap) =
+                    (self.0.cfg.max_chat_per_s, self.0.cfg.max_chat_bytes_per_s);
+                if (count_cap > 0 && st.chat_in_window >= count_cap)
+                    || (bytes_cap > 0 && st.chat_bytes_in_window + weight > bytes_cap)
+                {
                     drop(st);
                     counter_inc(metrics::CHAT_SAMPLED_OUT);
                     return Ok(self.next_id());
                 }
                 st.chat_in_window += 1;
+                st.chat_bytes_in_window += weight;
             }
             EventBody::Grab { .. } if self.0.cfg.max_grab_events > 0 => {
                 if st.grabs_in_window >= self.0.cfg.max_grab_events {
@@ -748,7 +801,13 @@ impl Hub {
             }
             hot.batches.increment(1);
             hot.batch_events.record(events.len() as f64);
-            let batch = Arc::new(Batch::new(room.id.clone(), seq, events, accepted));
+            let batch = Arc::new(Batch::new(
+                room.id.clone(),
+                seq,
+                events,
+                accepted,
+                self.0.max_frame,
+            ));
             for (shard, members) in room.per_shard.iter().enumerate() {
                 if members.load(Ordering::Acquire) > 0 {
                     let _ = self.0.shards[shard]
@@ -836,6 +895,13 @@ impl RoomState {
     }
 }
 
+/// What a chat event adds to a member's download, as JSON: its text and user plus the
+/// fixed part (`id`, `ts`, keys, separators), which is about 90 bytes.
+fn chat_weight(user_id: &str, user_name: &str, text: &str) -> u64 {
+    const FIXED: usize = 90;
+    (FIXED + user_id.len() + user_name.len() + text.len()) as u64
+}
+
 /// A publish refused by a room budget: nothing was published.
 struct Refused {
     retry_after_ms: u64,
@@ -887,23 +953,17 @@ async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: CancellationToken)
                 let Some(members) = rooms.get(&batch.room) else {
                     continue;
                 };
-                // Resolve each format's message once, not per member.
-                let mut json: Option<&Message> = None;
-                let mut msgpack: Option<&Message> = None;
                 let (mut queued, mut dropped) = (0u64, 0u64);
                 for (conn, joined_at) in members.values() {
                     if batch.seq <= *joined_at {
                         continue;
                     }
-                    let slot = match conn.format {
-                        Format::Json => &mut json,
-                        Format::Msgpack => &mut msgpack,
-                    };
-                    let msg = *slot.get_or_insert_with(|| batch.message(conn.format));
-                    match conn.push(msg, batch.accepted, batch.droppable) {
-                        Push::Queued => queued += 1,
-                        Push::Dropped => dropped += 1,
-                        Push::Killed | Push::Gone => {}
+                    for frame in batch.frames(conn.format) {
+                        match conn.push(&frame.bytes, batch.accepted, frame.droppable) {
+                            Push::Queued => queued += 1,
+                            Push::Dropped => dropped += 1,
+                            Push::Killed | Push::Gone => break,
+                        }
                     }
                 }
                 hot.deliveries.increment(queued);
@@ -919,15 +979,12 @@ async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: CancellationToken)
 mod tests {
     use super::*;
 
-    fn msg(n: u8) -> Message {
-        Message::Binary(vec![n].into())
+    fn msg(n: u8) -> Bytes {
+        Bytes::from(vec![n])
     }
 
     fn payload(o: &Outbound) -> u8 {
-        match &o.msg {
-            Message::Binary(b) => b[0],
-            other => panic!("{other:?}"),
-        }
+        o.frame[0]
     }
 
     #[tokio::test]
@@ -943,7 +1000,8 @@ mod tests {
             .expect("killed resolves");
         assert_eq!(code, CloseCode::SlowConsumer);
         // What was queued before the overflow is still there, in order.
-        assert_eq!(payload(&conn.next().await), 1);
+        conn.queued().await;
+        assert_eq!(payload(&conn.try_next().unwrap()), 1);
         assert_eq!(payload(&conn.try_next().unwrap()), 2);
         assert!(conn.try_next().is_none());
     }
@@ -970,6 +1028,7 @@ mod tests {
         let hub = Hub::start(
             Arc::from("n"),
             RoomConfig::default(),
+            crate::config::MIN_OUT_FRAME_BYTES,
             1,
             Arc::new(crate::backplane::Local),
             &cancel,
@@ -1005,12 +1064,52 @@ mod tests {
         cancel.cancel();
     }
 
+    /// A partial write keeps the rest of the front frame first in line; whole frames
+    /// leave the queue; nothing is copied or reordered.
+    #[test]
+    fn write_front_resumes_a_partly_written_frame() {
+        use std::task::Poll;
+        let conn = Conn::new(3, Format::Json, 8);
+        let now = Instant::now();
+        for f in [&b"abcd"[..], b"ef", b"ghi"] {
+            assert_eq!(
+                conn.push(&Bytes::copy_from_slice(f), now, false),
+                Push::Queued
+            );
+        }
+        let mut wire = Vec::new();
+        let mut take = |budget: usize| {
+            let Poll::Ready(Ok(w)) = conn.write_front(16, |slices| {
+                let mut n = 0;
+                for s in slices {
+                    let k = s.len().min(budget - n);
+                    wire.extend_from_slice(&s[..k]);
+                    n += k;
+                }
+                Poll::Ready(Ok(n))
+            }) else {
+                panic!("ready");
+            };
+            w
+        };
+        let w = take(3);
+        assert_eq!((w.frames, w.bytes, w.partial, w.more), (0, 3, true, true));
+        let w = take(4);
+        assert_eq!((w.frames, w.bytes, w.partial, w.more), (2, 4, true, true));
+        let w = take(10);
+        assert_eq!((w.frames, w.bytes, w.partial, w.more), (1, 2, false, false));
+        assert_eq!(wire, b"abcdefghi");
+    }
+
     #[tokio::test]
     async fn next_waits_for_a_push_and_a_closed_queue_refuses() {
         let conn = Conn::new(2, Format::Json, 4);
         let waiter = {
             let conn = Arc::clone(&conn);
-            tokio::spawn(async move { payload(&conn.next().await) })
+            tokio::spawn(async move {
+                conn.queued().await;
+                payload(&conn.try_next().unwrap())
+            })
         };
         tokio::task::yield_now().await;
         assert_eq!(conn.push(&msg(7), Instant::now(), true), Push::Queued);
@@ -1021,7 +1120,8 @@ mod tests {
         assert_eq!(got, 7);
         // A push before anyone waits is not lost either (the permit is kept).
         assert_eq!(conn.push(&msg(8), Instant::now(), true), Push::Queued);
-        assert_eq!(payload(&conn.next().await), 8);
+        conn.queued().await;
+        assert_eq!(payload(&conn.try_next().unwrap()), 8);
         conn.close_queue();
         assert_eq!(conn.push(&msg(9), Instant::now(), false), Push::Gone);
         assert!(conn.try_next().is_none());

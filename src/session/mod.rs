@@ -17,26 +17,36 @@
 //!
 //! Every write races the kill switch and a timeout (2 × heartbeat): a socket that
 //! accepts nothing for that long is dead, whatever TCP thinks.
+//!
+//! What goes on the wire is complete frame bytes ([`crate::wire`]); [`socket`] writes
+//! them without a per-connection copy and lets tungstenite validate what comes in.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket};
-use futures_util::SinkExt;
+use bytes::Bytes;
 use tokio::time::Instant;
+use tungstenite::Message;
 
 use crate::admission::Ticket;
-use crate::hub::{Conn, JoinError, Outbound};
+use crate::hub::{Conn, JoinError, Written};
 use crate::metrics::{self, CloseReason};
 use crate::protocol::{
     self, ClientOp, CloseCode, ErrorCode, Format, ProtoError, RoomId, ServerFrame, User,
 };
 use crate::ratelimit::{Action, Key};
 use crate::server::Shared;
+use crate::wire;
+
+pub mod socket;
+
+use socket::Socket;
 
 /// At most this many queued frames are written per flush, so replies are not starved.
 const MAX_FRAMES_PER_FLUSH: usize = 64;
+/// Queued frames gathered into one vectored write.
+const MAX_FRAMES_PER_WRITE: usize = 16;
 
 /// What the HTTP layer decided before the upgrade.
 pub struct Params {
@@ -79,7 +89,7 @@ struct Session {
 }
 
 /// Serves one upgraded connection until it ends; leaves its rooms on the way out.
-pub async fn run(mut ws: WebSocket, shared: Arc<Shared>, params: Params) {
+pub async fn run(mut ws: Socket, shared: Arc<Shared>, params: Params) {
     let id = shared.next_conn_id();
     let conn = Conn::new(id, params.format, shared.cfg.limits.outbound_queue);
     let hot = metrics::hot();
@@ -108,11 +118,12 @@ pub async fn run(mut ws: WebSocket, shared: Arc<Shared>, params: Params) {
     let reason = match end {
         End::Close(code) => {
             // Best effort: a dead or stuck socket must not hold the task.
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(code.message())).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(&wire::close(code))).await;
             CloseReason::Code(code)
         }
         End::Peer => {
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
+            // The close reply tungstenite queued, if the client closed.
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.send_replies()).await;
             CloseReason::Peer
         }
         End::Error => CloseReason::Error,
@@ -125,15 +136,17 @@ pub async fn run(mut ws: WebSocket, shared: Arc<Shared>, params: Params) {
 }
 
 impl Session {
-    async fn serve(&mut self, ws: &mut WebSocket, room: Option<RoomId>) -> Result<(), End> {
+    async fn serve(&mut self, ws: &mut Socket, room: Option<RoomId>) -> Result<(), End> {
         let conn_label = format!("{}:{}", self.shared.hub.node(), self.conn.id);
-        let hello = ServerFrame::Hello {
-            conn: &conn_label,
-            node: self.shared.hub.node(),
-            user: self.user.as_ref(),
-            heartbeat_ms: self.heartbeat.as_millis() as u64,
-        }
-        .encode(self.conn.format);
+        let hello = wire::encode(
+            &ServerFrame::Hello {
+                conn: &conn_label,
+                node: self.shared.hub.node(),
+                user: self.user.as_ref(),
+                heartbeat_ms: self.heartbeat.as_millis() as u64,
+            },
+            self.conn.format,
+        );
         drop(conn_label);
         self.write(ws, hello).await?;
         let conn = Arc::clone(&self.conn);
@@ -174,12 +187,15 @@ impl Session {
                     match msg {
                         Ok(Message::Text(t)) => self.on_frame(ws, &out, t.as_bytes(), false).await?,
                         Ok(Message::Binary(b)) => self.on_frame(ws, &out, &b, true).await?,
-                        Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                        Ok(Message::Ping(_)) => {
+                            guarded(&conn, self.heartbeat, ws.send_replies()).await?;
+                        }
+                        Ok(Message::Pong(_) | Message::Frame(_)) => {}
                         Ok(Message::Close(_)) => return Ok(()),
                         Err(e) => return Err(read_error(e)),
                     }
                 }
-                first = conn.next() => out.write_queued(ws, first).await?,
+                () = conn.queued() => out.write_queued(ws).await?,
                 _ = &mut idle => {
                     let deadline = self.last_seen + 2 * self.heartbeat;
                     if deadline <= Instant::now() {
@@ -187,7 +203,7 @@ impl Session {
                     }
                     idle.as_mut().reset(deadline);
                 }
-                _ = ping.tick() => self.write(ws, Message::Ping(bytes::Bytes::new())).await?,
+                _ = ping.tick() => self.write(ws, wire::ping()).await?,
             }
         }
     }
@@ -195,7 +211,7 @@ impl Session {
     /// Decodes and answers one data frame.
     async fn on_frame(
         &mut self,
-        ws: &mut WebSocket,
+        ws: &mut Socket,
         out: &Out<'_>,
         data: &[u8],
         binary: bool,
@@ -378,35 +394,41 @@ impl Session {
 
     async fn reply(
         &mut self,
-        ws: &mut WebSocket,
+        ws: &mut Socket,
         reply: Result<Reply, ProtoError>,
         reference: Option<i64>,
     ) -> Result<(), End> {
+        let format = self.conn.format;
         let msg = match reply {
             Ok(Reply::Joined {
                 room,
                 online,
                 history,
                 redpackets,
-            }) => ServerFrame::Joined {
-                room: &room,
+            }) => joined_within(
+                &room,
                 online,
-                history: &history,
-                redpackets: &redpackets,
+                &history,
+                &redpackets,
                 reference,
-            }
-            .encode(self.conn.format),
-            Ok(Reply::Grabbed(amount)) => ServerFrame::Ack {
-                reference,
-                amount: Some(amount),
-            }
-            .encode(self.conn.format),
-            Ok(Reply::Ack) => ServerFrame::Ack {
-                reference,
-                amount: None,
-            }
-            .encode(self.conn.format),
-            Ok(Reply::Pong) => ServerFrame::Pong { reference }.encode(self.conn.format),
+                format,
+                self.shared.cfg.limits.max_out_frame_bytes,
+            ),
+            Ok(Reply::Grabbed(amount)) => wire::encode(
+                &ServerFrame::Ack {
+                    reference,
+                    amount: Some(amount),
+                },
+                format,
+            ),
+            Ok(Reply::Ack) => wire::encode(
+                &ServerFrame::Ack {
+                    reference,
+                    amount: None,
+                },
+                format,
+            ),
+            Ok(Reply::Pong) => wire::encode(&ServerFrame::Pong { reference }, format),
             Err(err) => return self.send_error(ws, reference, &err).await,
         };
         self.write(ws, msg).await
@@ -414,17 +436,17 @@ impl Session {
 
     async fn send_error(
         &mut self,
-        ws: &mut WebSocket,
+        ws: &mut Socket,
         reference: Option<i64>,
         err: &ProtoError,
     ) -> Result<(), End> {
         metrics::hot().error(err.code).increment(1);
-        let msg = ServerFrame::error(reference, err).encode(self.conn.format);
+        let msg = wire::encode(&ServerFrame::error(reference, err), self.conn.format);
         self.write(ws, msg).await
     }
 
     /// Writes one frame, racing the kill switch and the write timeout.
-    async fn write(&self, ws: &mut WebSocket, msg: Message) -> Result<(), End> {
+    async fn write(&self, ws: &mut Socket, msg: Bytes) -> Result<(), End> {
         write_one(ws, &self.conn, self.heartbeat, msg).await
     }
 }
@@ -442,15 +464,15 @@ impl Out<'_> {
     /// # Errors
     /// The end the connection met while `op` ran (a kill, a failed write), reported
     /// only once `op` has finished: an op is never abandoned halfway.
-    async fn pump<F: Future>(&self, ws: &mut WebSocket, op: F) -> Result<F::Output, End> {
+    async fn pump<F: Future>(&self, ws: &mut Socket, op: F) -> Result<F::Output, End> {
         tokio::pin!(op);
         let end = loop {
             tokio::select! {
                 biased;
                 out = &mut op => return Ok(out),
                 code = self.conn.killed() => break End::Close(code),
-                first = self.conn.next() => {
-                    if let Err(end) = self.write_queued(ws, first).await {
+                () = self.conn.queued() => {
+                    if let Err(end) = self.write_queued(ws).await {
                         break end;
                     }
                 }
@@ -463,40 +485,48 @@ impl Out<'_> {
     /// Writes `first` and whatever else is queued (up to a cap) with one flush, and
     /// observes the end-to-end latency of the oldest frame written (one observation per
     /// flush keeps the hot path cheap and errs on the slow side).
-    async fn write_queued(&self, ws: &mut WebSocket, first: Outbound) -> Result<(), End> {
-        let mut frames = 1u64;
-        let mut bytes = payload_len(&first.msg);
-        let oldest = first.accepted;
+    async fn write_queued(&self, ws: &mut Socket) -> Result<(), End> {
+        let mut total = Written::default();
         guarded(self.conn, self.heartbeat, async {
-            ws.feed(first.msg).await?;
-            while (frames as usize) < MAX_FRAMES_PER_FLUSH {
-                let Some(next) = self.conn.try_next() else {
+            loop {
+                // The write happens inside one poll: no slice array or frame is held
+                // across an await, so an idle connection's task stays small.
+                let w = std::future::poll_fn(|cx| {
+                    self.conn
+                        .write_front(MAX_FRAMES_PER_WRITE, |s| ws.poll_write_vectored(cx, s))
+                })
+                .await?;
+                total.frames += w.frames;
+                total.bytes += w.bytes;
+                total.oldest = total.oldest.or(w.oldest);
+                // A frame begun is finished before anything else is written.
+                let budget_left = (total.frames as usize) < MAX_FRAMES_PER_FLUSH;
+                if !(w.partial || w.more && budget_left) {
                     break;
-                };
-                bytes += payload_len(&next.msg);
-                frames += 1;
-                ws.feed(next.msg).await?;
+                }
             }
             ws.flush().await
         })
         .await?;
         let hot = metrics::hot();
-        hot.frames_out.increment(frames);
-        hot.bytes_out.increment(bytes);
-        hot.broadcast_latency.record(oldest.elapsed().as_secs_f64());
+        hot.frames_out.increment(total.frames);
+        hot.bytes_out.increment(total.bytes);
+        if let Some(oldest) = total.oldest {
+            hot.broadcast_latency.record(oldest.elapsed().as_secs_f64());
+        }
         Ok(())
     }
 }
 
 /// Writes one frame, racing the kill switch and the write timeout.
 async fn write_one(
-    ws: &mut WebSocket,
+    ws: &mut Socket,
     conn: &Conn,
     heartbeat: Duration,
-    msg: Message,
+    msg: Bytes,
 ) -> Result<(), End> {
-    let len = payload_len(&msg);
-    guarded(conn, heartbeat, ws.send(msg)).await?;
+    let len = msg.len() as u64;
+    guarded(conn, heartbeat, ws.send(&msg)).await?;
     let hot = metrics::hot();
     hot.frames_out.increment(1);
     hot.bytes_out.increment(len);
@@ -507,7 +537,7 @@ async fn write_one(
 /// 2 × heartbeat (a socket that accepts nothing that long is dead, whatever TCP thinks).
 async fn guarded<F>(conn: &Conn, heartbeat: Duration, write: F) -> Result<(), End>
 where
-    F: Future<Output = Result<(), axum::Error>>,
+    F: Future<Output = std::io::Result<()>>,
 {
     tokio::select! {
         res = tokio::time::timeout(2 * heartbeat, write) => match res {
@@ -536,28 +566,69 @@ fn not_joined(room: &RoomId) -> ProtoError {
     ProtoError::new(ErrorCode::NotJoined, format!("not in room {room}"))
 }
 
-fn payload_len(msg: &Message) -> u64 {
-    match msg {
-        Message::Text(t) => t.len() as u64,
-        Message::Binary(b) => b.len() as u64,
-        _ => 0,
+/// The `joined` frame, its history trimmed from the oldest end until the frame is
+/// within `max` bytes (PROTOCOL.md v1.1, outbound frame bound).
+fn joined_within(
+    room: &RoomId,
+    online: u64,
+    history: &[Arc<protocol::Event>],
+    redpackets: &[protocol::OpenPacket],
+    reference: Option<i64>,
+    format: Format,
+    max: usize,
+) -> Bytes {
+    let encode = |history: &[Arc<protocol::Event>]| {
+        wire::encode(
+            &ServerFrame::Joined {
+                room,
+                online,
+                history,
+                redpackets,
+                reference,
+            },
+            format,
+        )
+    };
+    let whole = encode(history);
+    if whole.len() <= max {
+        return whole;
+    }
+    // Weigh each event once, drop the oldest until the rest fits, then check for real.
+    let mut over = whole.len() - max;
+    let mut skip = 0;
+    while over > 0 && skip < history.len() {
+        over = over.saturating_sub(wire::encoded_len(&*history[skip], format) + 1);
+        skip += 1;
+    }
+    loop {
+        let frame = encode(&history[skip..]);
+        if frame.len() <= max || skip == history.len() {
+            return frame;
+        }
+        skip += 1;
     }
 }
 
 /// A read error: an over-long message means close 1009, a text frame that is not UTF-8
-/// close 1007; anything else ends the socket.
-fn read_error(e: axum::Error) -> End {
-    match e.into_inner().downcast::<tungstenite::Error>() {
-        Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => End::Close(CloseCode::TooBig),
-        Ok(e) if matches!(*e, tungstenite::Error::Utf8(_)) => End::Close(CloseCode::InvalidPayload),
-        Ok(e)
-            if matches!(
-                *e,
-                tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed
-            ) =>
-        {
-            End::Peer
-        }
+/// close 1007, a frame that breaks RFC 6455 close 1002; anything else ends the socket.
+fn read_error(e: tungstenite::Error) -> End {
+    use tungstenite::error::ProtocolError as P;
+    match e {
+        tungstenite::Error::Capacity(_) => End::Close(CloseCode::TooBig),
+        tungstenite::Error::Utf8(_) => End::Close(CloseCode::InvalidPayload),
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => End::Peer,
+        tungstenite::Error::Protocol(
+            P::NonZeroReservedBits
+            | P::UnmaskedFrameFromClient
+            | P::FragmentedControlFrame
+            | P::ControlFrameTooBig
+            | P::UnknownControlFrameType(_)
+            | P::UnknownDataFrameType(_)
+            | P::UnexpectedContinueFrame
+            | P::ExpectedFragment(_)
+            | P::InvalidOpcode(_)
+            | P::InvalidCloseSequence,
+        ) => End::Close(CloseCode::ProtocolError),
         _ => End::Error,
     }
 }
