@@ -26,8 +26,8 @@ use crate::admission::Refused;
 use crate::metrics;
 use crate::protocol::{EventBody, Format, RoomId, User};
 use crate::redpacket::{CreateError, CreateRequest};
-use crate::server::Shared;
 use crate::session;
+use crate::shared::Shared;
 use crate::upgrade::{UpgradeError, WsUpgrade};
 
 /// Inbound read buffer per socket. tungstenite's default (128 KiB, zero-filled on read)

@@ -32,6 +32,7 @@
 //! | [`redis_link`] | the supervised Redis command connection (single or cluster) |
 //! | [`http`] | `/ws`, `/healthz`, `/readyz`, `/metrics`, `/api/v1/...` |
 //! | [`metrics`] | every metric's name and description, hot-path handles |
+//! | [`shared`] | the state every handler and session shares |
 //! | [`server`] | wiring, serving, graceful drain |
 //! | [`shutdown`] | the signals that start a drain |
 //! | [`web`] | the demo page at `/` and the browser client, embedded; dev-token helpers |
@@ -51,6 +52,7 @@ pub mod redis_link;
 pub mod redpacket;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod shutdown;
 pub mod upgrade;
 pub mod web;

@@ -1,4 +1,4 @@
-//! Wiring: builds the shared state, serves HTTP + WebSocket on a listener, and runs the
+//! Wiring: builds the shared state ([`crate::shared`]), serves HTTP + WebSocket on a listener, and runs the
 //! graceful drain when the shutdown future resolves.
 //!
 //! `run` takes the listener and the shutdown future (as mini-redis does) so tests bind
@@ -8,10 +8,8 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,19 +18,18 @@ use crate::admission::Admission;
 use crate::auth::Auth;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{Backplane, Local};
+use crate::config::BackplaneKind;
 use crate::config::Config;
-use crate::config::{BackplaneKind, GiftConfig};
 use crate::edge::Edge;
-use crate::edge::trust::Trusted;
-use crate::hub::{ConnId, Hub};
+use crate::hub::Hub;
 use crate::ratelimit::RateLimits;
 use crate::redis_link::RedisLink;
 use crate::redpacket::journal::JournalError;
 use crate::redpacket::local::LocalStore;
 use crate::redpacket::redis::RedisStore;
 use crate::redpacket::{RedPackets, Store, StoreError};
+use crate::shared::{ConnIds, Shared};
 use crate::{http, metrics};
-use std::collections::HashMap;
 
 /// Grace after the drain window for the last closes to flush before tasks are stopped.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -55,33 +52,6 @@ impl ServerError {
     /// A configuration error (the binary exits 2 on those, as for an invalid config).
     pub fn is_config(&self) -> bool {
         matches!(self, Self::Edge(_))
-    }
-}
-
-/// State every request handler and session shares.
-pub struct Shared {
-    pub cfg: Arc<Config>,
-    pub hub: Hub,
-    pub backplane: Arc<dyn Backplane>,
-    pub auth: Auth,
-    pub admission: Arc<Admission>,
-    pub ratelimits: Arc<RateLimits>,
-    pub redpackets: Arc<RedPackets>,
-    /// The gift catalog by id.
-    pub gifts: HashMap<String, GiftConfig>,
-    /// `server.trusted_proxies`: whose `X-Forwarded-For` is believed.
-    pub trusted: Trusted,
-    /// Cancelled when the drain starts: `/readyz` turns 503, sessions schedule their close.
-    pub drain: CancellationToken,
-    /// Session tasks, so the drain can wait for them.
-    pub sessions: TaskTracker,
-    pub prometheus: PrometheusHandle,
-    next_conn: AtomicU64,
-}
-
-impl Shared {
-    pub fn next_conn_id(&self) -> ConnId {
-        self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -192,7 +162,7 @@ pub async fn run(
         drain: CancellationToken::new(),
         sessions: TaskTracker::new(),
         prometheus,
-        next_conn: AtomicU64::new(1),
+        conn_ids: ConnIds::default(),
     });
     tracing::info!(
         addr = %listener.local_addr()?,

@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::protocol::{RoomId, User, now_ms};
 use crate::redpacket::{CreateError, CreateRequest};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Embedded static files: path, content type, body.
 const ASSETS: &[(&str, &str, &str)] = &[

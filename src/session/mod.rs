@@ -36,7 +36,7 @@ use crate::protocol::{
     self, ClientOp, CloseCode, ErrorCode, Format, ProtoError, RoomId, ServerFrame, User,
 };
 use crate::ratelimit::{Action, Key};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::wire;
 
 pub mod socket;

@@ -1,0 +1,107 @@
+//! A room's state on this node: its current window, budgets, history, and where its
+//! members are. Publishing locks one room's state for a push; nothing is awaited under
+//! the lock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use tokio::time::Instant;
+
+use crate::protocol::{Event, RoomId};
+
+/// A room's state on this node.
+pub(super) struct Room {
+    pub(super) id: RoomId,
+    /// Index of the flusher that batches this room.
+    pub(super) owner: usize,
+    /// Local members (connections) on this node.
+    pub(super) online: AtomicU64,
+    /// Local members per shard, so a batch goes only to shards that have members.
+    pub(super) per_shard: Box<[AtomicU32]>,
+    pub(super) state: Mutex<RoomState>,
+}
+
+pub(super) struct RoomState {
+    /// Events of the current window, in arrival order.
+    pub(super) pending: Vec<Event>,
+    /// Per pending event: whether it originated on this node (and so is published to
+    /// the backplane) or arrived from another node.
+    pub(super) local: Vec<bool>,
+    /// Recent non-presence events, oldest first, at most `history_len`.
+    pub(super) history: VecDeque<Arc<Event>>,
+    /// Whether the room is on its flusher's dirty list.
+    pub(super) dirty: bool,
+    /// When the first event of the current window was accepted.
+    pub(super) window_started: Option<Instant>,
+    /// Online count last announced by a `presence` event.
+    pub(super) presence_sent: u64,
+    /// Last join, leave or event: an empty room is forgotten `idle_ttl_s` after this.
+    pub(super) last_active: Instant,
+    /// (user id, gift id) → index in `pending` of this window's gift event, so the same
+    /// user's same gift is merged (counts summed) instead of repeated.
+    pub(super) gifts: HashMap<(String, String), usize>,
+    /// Start of the current one-second window of the room's chat budget.
+    pub(super) chat_window: Instant,
+    /// Chat broadcast in the current window (against `room.max_chat_per_s`).
+    pub(super) chat_in_window: u64,
+    /// Their weight ([`chat_weight`]) against `room.max_chat_bytes_per_s`.
+    pub(super) chat_bytes_in_window: u64,
+    /// `grab` events in the current window (against `room.max_grab_events`).
+    pub(super) grabs_in_window: u64,
+    /// Client gift events in the current window (against `room.max_gift_events`).
+    pub(super) gifts_in_window: u64,
+    /// Number of the last batch flushed (its events are in `history`).
+    pub(super) flushed: u64,
+    /// Set by the idle sweep as it drops the room from the registry: a publisher that
+    /// found the room just before must retry on the live one, or its event is lost.
+    pub(super) removed: bool,
+    /// Ids of events put into `history` from the backplane's list rather than received
+    /// live; one that then also arrives live is not kept or delivered twice.
+    pub(super) seeded: std::collections::HashSet<String>,
+}
+
+impl RoomState {
+    /// Merges the room's history as the cluster kept it (`earlier`, oldest first) into
+    /// what this node holds: each event once (by id), in time order, the newest `cap`.
+    pub(super) fn seed_history(&mut self, earlier: Vec<Event>, cap: usize) {
+        let mut merged: Vec<Arc<Event>> = Vec::with_capacity(earlier.len() + self.history.len());
+        // Events already waiting in this window go out (and into history) with it.
+        let mut seen: std::collections::HashSet<String> =
+            self.pending.iter().map(|e| e.id.clone()).collect();
+        let local: std::collections::HashSet<String> =
+            self.history.iter().map(|e| e.id.clone()).collect();
+        self.seeded.clear();
+        for e in earlier {
+            if seen.insert(e.id.clone()) {
+                if !local.contains(&e.id) {
+                    self.seeded.insert(e.id.clone());
+                }
+                merged.push(Arc::new(e));
+            }
+        }
+        for e in self.history.drain(..) {
+            if seen.insert(e.id.clone()) {
+                merged.push(e);
+            }
+        }
+        // Stable: events of one millisecond keep the cluster's order, then this node's.
+        merged.sort_by_key(|e| e.ts);
+        let skip = merged.len().saturating_sub(cap);
+        self.history = merged.into_iter().skip(skip).collect();
+    }
+
+    /// The last `n` history events, oldest first.
+    pub(super) fn recent(&self, n: usize) -> Vec<Arc<Event>> {
+        let skip = self.history.len().saturating_sub(n);
+        self.history.iter().skip(skip).cloned().collect()
+    }
+}
+
+/// What a chat event adds to a member's download, as JSON: its text and user plus the
+/// fixed part (`id`, `ts`, keys, separators), which is about 90 bytes.
+pub(super) fn chat_weight(user_id: &str, user_name: &str, text: &str) -> u64 {
+    const FIXED: usize = 90;
+    (FIXED + user_id.len() + user_name.len() + text.len()) as u64
+}

@@ -1,0 +1,94 @@
+//! One shard: the local members of the connections hashed to it, per room. It
+//! registers joins (reading the history under the room lock), forgets leaves, and fans
+//! each window out to its members' queues. A giant room is spread over every shard.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{Conn, ConnId, Push};
+use super::room::Room;
+use super::window::Batch;
+use crate::metrics;
+use crate::protocol::{Event, RoomId};
+
+pub(super) enum ShardCmd {
+    /// Registers `conn` and answers the last `history` events of the room.
+    Join {
+        room: Arc<Room>,
+        conn: Arc<Conn>,
+        history: usize,
+        done: oneshot::Sender<Vec<Arc<Event>>>,
+    },
+    Leave {
+        room: RoomId,
+        conn: ConnId,
+    },
+    Deliver(Arc<Batch>),
+}
+
+/// One shard: the local members of its connections, per room.
+pub(super) async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: CancellationToken) {
+    // Per room, its members on this shard and, per member, the last batch number its
+    // `joined.history` held (batches up to it are skipped for that member).
+    let mut rooms: HashMap<RoomId, HashMap<ConnId, (Arc<Conn>, u64)>> = HashMap::new();
+    let hot = metrics::hot();
+    loop {
+        let cmd = tokio::select! {
+            _ = cancel.cancelled() => break,
+            cmd = inbox.recv_async() => match cmd { Ok(c) => c, Err(_) => break },
+        };
+        match cmd {
+            ShardCmd::Join {
+                room,
+                conn,
+                history,
+                done,
+            } => {
+                // Under the room lock, so no batch is flushed between reading the history
+                // and noting how far it goes.
+                let (recent, seq) = {
+                    let st = room.state.lock().expect("room lock");
+                    (st.recent(history), st.flushed)
+                };
+                rooms
+                    .entry(room.id.clone())
+                    .or_default()
+                    .insert(conn.id, (conn, seq));
+                let _ = done.send(recent);
+            }
+            ShardCmd::Leave { room, conn } => {
+                if let Some(members) = rooms.get_mut(&room) {
+                    members.remove(&conn);
+                    if members.is_empty() {
+                        rooms.remove(&room);
+                    }
+                }
+            }
+            ShardCmd::Deliver(batch) => {
+                let Some(members) = rooms.get(&batch.room) else {
+                    continue;
+                };
+                let (mut queued, mut dropped) = (0u64, 0u64);
+                for (conn, joined_at) in members.values() {
+                    if batch.seq <= *joined_at {
+                        continue;
+                    }
+                    for frame in batch.frames(conn.format) {
+                        match conn.push(&frame.bytes, batch.accepted, frame.droppable) {
+                            Push::Queued => queued += 1,
+                            Push::Dropped => dropped += 1,
+                            Push::Killed | Push::Gone => break,
+                        }
+                    }
+                }
+                hot.deliveries.increment(queued);
+                if dropped > 0 {
+                    hot.outbound_dropped.increment(dropped);
+                }
+            }
+        }
+    }
+}
