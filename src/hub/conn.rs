@@ -2,6 +2,17 @@
 //! (shared bytes, with the slow-consumer policy applied when full), and the switch a
 //! shard pulls to have its session close it.
 //!
+//! **Inline writes.** A plain TCP member is written by whoever delivers to it: the shard
+//! fanning out a window calls [`Conn::push`], which, when nothing is queued ahead, writes
+//! the shared frame with one non-blocking `write()` right there. No task is woken, no
+//! timer armed, nothing copied: that is the whole cost of a delivered frame in the common
+//! case. Only what the socket does not take (its buffer is full) is queued, and the
+//! session is woken to finish it when the socket is writable; the slow-consumer policy
+//! applies to that queue. Every write to the socket (the shard's, the session's replies,
+//! the session's catch-up) happens under the queue lock, so frames never interleave, and
+//! a frame begun is always finished first. TLS members cannot share ciphertext: for them
+//! every frame is queued and their session encrypts and writes it.
+//!
 //! The queue is a `VecDeque` under a std mutex plus a `Notify`, not a channel: a
 //! channel's async receive allocates a waker hook each time it waits, i.e. once per
 //! delivered frame, while a `Notified` future lives in the session's own task. An idle
@@ -14,6 +25,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -53,6 +65,10 @@ struct OutQueue {
     /// Bytes of the front frame already on the wire (a partial write).
     written: usize,
     closed: bool,
+    /// The plain socket deliveries write to inline; `None` for TLS members (their
+    /// session writes everything) and once closed (so the descriptor goes with the
+    /// session, whatever shard still holds this `Conn`).
+    tcp: Option<Arc<TcpStream>>,
 }
 
 /// What one [`Conn::write_front`] took off the queue.
@@ -81,6 +97,9 @@ pub struct Outbound {
 /// Outcome of queueing one frame to a member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
+    /// Written to the socket at once, whole.
+    Written,
+    /// Queued (or begun): the session finishes it when the socket is writable.
     Queued,
     Dropped,
     Killed,
@@ -90,10 +109,23 @@ pub enum Push {
 impl Conn {
     /// A connection whose outbound queue holds at most `queue` frames.
     pub fn new(id: ConnId, format: Format, queue: usize) -> Arc<Conn> {
+        Self::with_socket(id, format, queue, None)
+    }
+
+    /// A connection whose deliveries are written inline to `tcp` when nothing is queued.
+    pub fn with_socket(
+        id: ConnId,
+        format: Format,
+        queue: usize,
+        tcp: Option<Arc<TcpStream>>,
+    ) -> Arc<Conn> {
         Arc::new(Conn {
             id,
             format,
-            queue: Mutex::new(OutQueue::default()),
+            queue: Mutex::new(OutQueue {
+                tcp,
+                ..OutQueue::default()
+            }),
             cap: queue.max(1),
             queued: Notify::new(),
             close: AtomicU16::new(0),
@@ -103,12 +135,41 @@ impl Conn {
 
     /// Queues `msg` without waiting; applies the slow-consumer policy when full.
     pub fn push(&self, frame: &Bytes, accepted: Instant, droppable: bool) -> Push {
+        self.offer(frame, accepted, Some(droppable))
+    }
+
+    /// Sends one of the session's own frames (a reply, a ping, the close): written at
+    /// once when nothing is queued ahead, else queued behind what is, whatever the cap
+    /// (the session then waits for the queue to drain before it reads on, which bounds
+    /// it).
+    pub fn push_reply(&self, frame: &Bytes) -> Push {
+        self.offer(frame, Instant::now(), None)
+    }
+
+    /// `droppable`: `None` for the session's own frames, which the cap does not apply to.
+    fn offer(&self, frame: &Bytes, accepted: Instant, droppable: Option<bool>) -> Push {
         {
             let mut q = self.queue.lock().expect("outbound lock");
             if q.closed {
                 return Push::Gone;
             }
-            if q.frames.len() >= self.cap {
+            let mut written = 0;
+            if q.frames.is_empty()
+                && let Some(tcp) = &q.tcp
+            {
+                // Any error but "full" is left for the session: its own write of the
+                // queued frame meets it and ends the connection.
+                if let Ok(n) = tcp.try_write(frame) {
+                    if n == frame.len() {
+                        return Push::Written;
+                    }
+                    written = n;
+                }
+            }
+            if written == 0
+                && let Some(droppable) = droppable
+                && q.frames.len() >= self.cap
+            {
                 drop(q);
                 if droppable {
                     return Push::Dropped;
@@ -120,6 +181,9 @@ impl Conn {
                 frame: frame.clone(),
                 accepted,
             });
+            if written > 0 {
+                q.written = written;
+            }
         }
         self.queued.notify_one();
         Push::Queued
@@ -204,6 +268,7 @@ impl Conn {
         q.closed = true;
         q.written = 0;
         q.frames = VecDeque::new();
+        q.tcp = None;
     }
 
     /// Asks the session to close with `code`; the first request wins.

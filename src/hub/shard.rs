@@ -1,6 +1,8 @@
 //! One shard: the local members of the connections hashed to it, per room. It
 //! registers joins (reading the history under the room lock), forgets leaves, and fans
-//! each window out to its members' queues. A giant room is spread over every shard.
+//! each window out to its members, writing each plain member's frame inline
+//! ([`Conn::push`]) and queueing only what a socket does not take. A giant room is spread
+//! over every shard, and a window crosses threads once per shard, never per member.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -72,19 +74,34 @@ pub(super) async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: Cancell
                     continue;
                 };
                 let (mut queued, mut dropped) = (0u64, 0u64);
+                // Frames this shard wrote itself (the common case), counted once per
+                // window rather than per member.
+                let (mut written, mut bytes) = (0u64, 0u64);
                 for (conn, joined_at) in members.values() {
                     if batch.seq <= *joined_at {
                         continue;
                     }
                     for frame in batch.frames(conn.format) {
                         match conn.push(&frame.bytes, batch.accepted, frame.droppable) {
+                            Push::Written => {
+                                written += 1;
+                                bytes += frame.bytes.len() as u64;
+                            }
                             Push::Queued => queued += 1,
                             Push::Dropped => dropped += 1,
                             Push::Killed | Push::Gone => break,
                         }
                     }
                 }
-                hot.deliveries.increment(queued);
+                hot.deliveries.increment(queued + written);
+                if written > 0 {
+                    hot.frames_out.increment(written);
+                    hot.bytes_out.increment(bytes);
+                    // One observation per shard per window: when its last inline write
+                    // of the window was done.
+                    hot.broadcast_latency
+                        .record(batch.accepted.elapsed().as_secs_f64());
+                }
                 if dropped > 0 {
                     hot.outbound_dropped.increment(dropped);
                 }

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tungstenite::Message;
 
 use crate::admission::Ticket;
-use crate::hub::{Conn, JoinError, Written};
+use crate::hub::{Conn, JoinError, Push, Written};
 use crate::metrics::{self, CloseReason};
 use crate::protocol::{
     self, ClientOp, CloseCode, ErrorCode, Format, ProtoError, RoomId, ServerFrame, User,
@@ -91,7 +91,12 @@ struct Session {
 /// Serves one upgraded connection until it ends; leaves its rooms on the way out.
 pub async fn run(mut ws: Socket, shared: Arc<Shared>, params: Params) {
     let id = shared.next_conn_id();
-    let conn = Conn::new(id, params.format, shared.cfg.limits.outbound_queue);
+    let conn = Conn::with_socket(
+        id,
+        params.format,
+        shared.cfg.limits.outbound_queue,
+        ws.inline_sink(),
+    );
     let hot = metrics::hot();
     hot.connections.increment(1.0);
     hot.connections_opened.increment(1);
@@ -118,12 +123,17 @@ pub async fn run(mut ws: Socket, shared: Arc<Shared>, params: Params) {
     let reason = match end {
         End::Close(code) => {
             // Best effort: a dead or stuck socket must not hold the task.
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.send(&wire::close(code))).await;
+            let close = wire::close(code);
+            let send = write_one(&mut ws, &session.conn, session.heartbeat, close);
+            let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
             CloseReason::Code(code)
         }
         End::Peer => {
             // The close reply tungstenite queued, if the client closed.
-            let _ = tokio::time::timeout(Duration::from_secs(1), ws.send_replies()).await;
+            if let Some(reply) = ws.take_replies().await {
+                let send = write_one(&mut ws, &session.conn, session.heartbeat, reply);
+                let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
+            }
             CloseReason::Peer
         }
         End::Error => CloseReason::Error,
@@ -188,7 +198,9 @@ impl Session {
                         Ok(Message::Text(t)) => self.on_frame(ws, &out, t.as_bytes(), false).await?,
                         Ok(Message::Binary(b)) => self.on_frame(ws, &out, &b, true).await?,
                         Ok(Message::Ping(_)) => {
-                            guarded(&conn, self.heartbeat, ws.send_replies()).await?;
+                            if let Some(pong) = ws.take_replies().await {
+                                self.write(ws, pong).await?;
+                            }
                         }
                         Ok(Message::Pong(_) | Message::Frame(_)) => {}
                         Ok(Message::Close(_)) => return Ok(()),
@@ -518,19 +530,25 @@ impl Out<'_> {
     }
 }
 
-/// Writes one frame, racing the kill switch and the write timeout.
+/// Writes one of the session's own frames: at once when nothing is queued ahead (the
+/// common case: no task, no timer), else behind the queue, which is then written
+/// (racing the kill switch and the write timeout).
 async fn write_one(
     ws: &mut Socket,
     conn: &Conn,
     heartbeat: Duration,
     msg: Bytes,
 ) -> Result<(), End> {
-    let len = msg.len() as u64;
-    guarded(conn, heartbeat, ws.send(&msg)).await?;
-    let hot = metrics::hot();
-    hot.frames_out.increment(1);
-    hot.bytes_out.increment(len);
-    Ok(())
+    match conn.push_reply(&msg) {
+        Push::Written => {
+            let hot = metrics::hot();
+            hot.frames_out.increment(1);
+            hot.bytes_out.increment(msg.len() as u64);
+            Ok(())
+        }
+        Push::Queued => Out { conn, heartbeat }.write_queued(ws).await,
+        Push::Dropped | Push::Killed | Push::Gone => Err(End::Error),
+    }
 }
 
 /// A write that gives up when the connection is killed or nothing moves for

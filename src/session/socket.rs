@@ -11,9 +11,10 @@
 //!   once with one vectored write, without being copied into a per-connection buffer. A member that stops reading therefore pins only references
 //!   to shared frames (its queue), never a private copy of one.
 //!
-//! A plain TCP connection is taken back from hyper whole and split into owned halves
-//! (no lock between them). Anything else (TLS) is split with `tokio::io::split`: it
-//! encrypts per connection anyway.
+//! A plain TCP connection is taken back from hyper whole and shared (`Arc<TcpStream>`):
+//! the reader reads it, and writes go through the member's queue
+//! ([`crate::hub::Conn`]), which the shards write inline. Anything else (TLS) is split
+//! with `tokio::io::split`: it encrypts per connection anyway, so its session writes.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -24,8 +25,9 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use std::sync::Arc;
+
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::Message;
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -51,12 +53,12 @@ struct ReadSide {
 }
 
 enum ReadHalf {
-    Tcp(OwnedReadHalf),
+    Tcp(Arc<TcpStream>),
     Io(tokio::io::ReadHalf<BoxIo>),
 }
 
 enum WriteSide {
-    Tcp(OwnedWriteHalf),
+    Tcp(Arc<TcpStream>),
     Io(tokio::io::WriteHalf<BoxIo>),
 }
 
@@ -72,8 +74,8 @@ impl Socket {
                         let (tcp, replay) = rewind.into_parts();
                         let mut bytes = replay.to_vec();
                         bytes.extend_from_slice(&early);
-                        let (r, w) = tcp.into_split();
-                        (ReadHalf::Tcp(r), WriteSide::Tcp(w), bytes)
+                        let tcp = Arc::new(tcp);
+                        (ReadHalf::Tcp(Arc::clone(&tcp)), WriteSide::Tcp(tcp), bytes)
                     }
                     tls => {
                         let (r, w) = tokio::io::split(Box::new(tls) as BoxIo);
@@ -83,8 +85,9 @@ impl Socket {
             }
             Err(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) => {
-                    let (r, w) = parts.io.into_inner().into_split();
-                    (ReadHalf::Tcp(r), WriteSide::Tcp(w), parts.read_buf.to_vec())
+                    let tcp = Arc::new(parts.io.into_inner());
+                    let early = parts.read_buf.to_vec();
+                    (ReadHalf::Tcp(Arc::clone(&tcp)), WriteSide::Tcp(tcp), early)
                 }
                 Err(upgraded) => {
                     let io: BoxIo = Box::new(TokioIo::new(upgraded));
@@ -110,28 +113,21 @@ impl Socket {
         self.reader.next().await
     }
 
-    /// Writes the replies tungstenite queued while reading (a pong, the close reply).
-    ///
-    /// # Errors
-    /// The socket failed.
-    pub async fn send_replies(&mut self) -> io::Result<()> {
+    /// The plain socket, for the member's queue to write inline; `None` for TLS.
+    pub fn inline_sink(&self) -> Option<Arc<TcpStream>> {
+        match &self.writer {
+            WriteSide::Tcp(tcp) => Some(Arc::clone(tcp)),
+            WriteSide::Io(_) => None,
+        }
+    }
+
+    /// The replies tungstenite queued while reading (a pong, the close reply), as
+    /// frame bytes for the member's queue.
+    pub async fn take_replies(&mut self) -> Option<Bytes> {
         // Moves tungstenite's queued reply into the capture; it never waits.
         let _ = self.reader.flush().await;
         let replies = std::mem::take(&mut self.reader.get_mut().replies);
-        if replies.is_empty() {
-            return Ok(());
-        }
-        self.writer.write_all(&replies).await?;
-        self.writer.flush().await
-    }
-
-    /// Writes one complete frame.
-    ///
-    /// # Errors
-    /// The socket failed.
-    pub async fn send(&mut self, frame: &Bytes) -> io::Result<()> {
-        self.writer.write_all(frame).await?;
-        self.writer.flush().await
+        (!replies.is_empty()).then(|| Bytes::from(replies))
     }
 
     /// One vectored write of `slices`, as far as the socket takes it now.
@@ -141,7 +137,14 @@ impl Socket {
         slices: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match &mut self.writer {
-            WriteSide::Tcp(w) => Pin::new(w).poll_write_vectored(cx, slices),
+            WriteSide::Tcp(tcp) => loop {
+                std::task::ready!(tcp.poll_write_ready(cx))?;
+                match tcp.try_write_vectored(slices) {
+                    // The readiness was stale; `try_write_vectored` cleared it.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    other => return Poll::Ready(other),
+                }
+            },
             WriteSide::Io(w) => Pin::new(w).poll_write_vectored(cx, slices),
         }
     }
@@ -162,7 +165,18 @@ impl AsyncRead for ReadSide {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().read {
-            ReadHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Tcp(tcp) => loop {
+                std::task::ready!(tcp.poll_read_ready(cx))?;
+                match tcp.try_read(buf.initialize_unfilled()) {
+                    Ok(n) => {
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    // The readiness was stale; `try_read` cleared it.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            },
             ReadHalf::Io(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
@@ -190,13 +204,6 @@ impl AsyncWrite for ReadSide {
 }
 
 impl WriteSide {
-    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self {
-            WriteSide::Tcp(w) => w.write_all(bytes).await,
-            WriteSide::Io(w) => w.write_all(bytes).await,
-        }
-    }
-
     async fn flush(&mut self) -> io::Result<()> {
         match self {
             // A plain socket has nothing buffered in user space.
