@@ -30,10 +30,11 @@ use crate::session;
 use crate::shared::Shared;
 use crate::upgrade::{UpgradeError, WsUpgrade};
 
-/// Inbound read buffer per socket. tungstenite's default (128 KiB, zero-filled on read)
-/// would cost more than the whole connection budget; client frames are small and a
-/// larger one is simply read in several chunks.
-const WS_READ_BUFFER: usize = 2048;
+/// Inbound read buffer per socket, held for the connection's life. tungstenite's default
+/// (128 KiB, zero-filled on read) would cost far more than the whole connection budget
+/// (3 KiB); a client's op is a few hundred bytes, and a larger frame grows the buffer
+/// while it is read.
+const WS_READ_BUFFER: usize = 512;
 /// Largest API request body. Events and red-packet requests are a few hundred bytes; a
 /// client frame may be 64 KiB, and a backend's event need not be larger.
 const API_MAX_BODY: usize = 64 * 1024;

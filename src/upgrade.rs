@@ -105,7 +105,10 @@ impl WsUpgrade {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
-            serve(Socket::from_upgraded(upgraded, config).await).await;
+            // Boxed: building the socket is a one-off whose future is larger than the
+            // whole idle session; inline, every connection's task would keep its size.
+            let socket = Box::pin(Socket::from_upgraded(upgraded, config)).await;
+            serve(socket).await;
         };
         let accept = tungstenite::handshake::derive_accept_key(self.key.as_bytes());
         let mut response = Response::builder()

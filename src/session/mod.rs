@@ -120,26 +120,11 @@ pub async fn run(mut ws: Socket, shared: Arc<Shared>, params: Params) {
         Ok(()) => End::Peer,
         Err(end) => end,
     };
-    let reason = match end {
-        End::Close(code) => {
-            // Best effort: a dead or stuck socket must not hold the task.
-            let close = wire::close(code);
-            let send = write_one(&mut ws, &session.conn, session.heartbeat, close);
-            let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
-            CloseReason::Code(code)
-        }
-        End::Peer => {
-            // The close reply tungstenite queued, if the client closed.
-            if let Some(reply) = ws.take_replies().await {
-                let send = write_one(&mut ws, &session.conn, session.heartbeat, reply);
-                let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
-            }
-            CloseReason::Peer
-        }
-        End::Error => CloseReason::Error,
-    };
+    // Boxed: the goodbye runs once, and inline its futures would count in every idle
+    // connection's task.
+    let reason = Box::pin(session.goodbye(&mut ws, end)).await;
     session.conn.close_queue();
-    session.leave_all().await;
+    Box::pin(session.leave_all()).await;
     hot.connections.decrement(1.0);
     hot.closed(reason).increment(1);
     drop(params.ticket);
@@ -171,12 +156,13 @@ impl Session {
 
         let drain = self.shared.drain.clone();
         let mut draining = false;
-        let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        let drain_close = tokio::time::sleep_until(far);
-        tokio::pin!(drain_close);
-        let idle = tokio::time::sleep_until(self.last_seen + 2 * self.heartbeat);
-        tokio::pin!(idle);
-        let mut ping = tokio::time::interval_at(Instant::now() + self.heartbeat, self.heartbeat);
+        // One timer for the connection's three deadlines (next ping, idle, the drain's
+        // close), re-armed to the earliest whenever it fires: every idle connection
+        // carries one timer entry, not three.
+        let mut next_ping = Instant::now() + self.heartbeat;
+        let mut drain_at: Option<Instant> = None;
+        let timer = tokio::time::sleep_until(next_ping.min(self.last_seen + 2 * self.heartbeat));
+        tokio::pin!(timer);
 
         loop {
             tokio::select! {
@@ -188,15 +174,22 @@ impl Session {
                     draining = true;
                     let window = self.shared.cfg.server.drain_s * 1000;
                     let delay = rand::random_range(0..window.max(1));
-                    drain_close.as_mut().reset(Instant::now() + Duration::from_millis(delay));
+                    let at = Instant::now() + Duration::from_millis(delay);
+                    drain_at = Some(at);
+                    if at < timer.deadline() {
+                        timer.as_mut().reset(at);
+                    }
                 }
-                _ = &mut drain_close, if draining => return Err(End::Close(CloseCode::GoingAway)),
                 msg = ws.recv() => {
                     let Some(msg) = msg else { return Ok(()) };
                     self.last_seen = Instant::now();
                     match msg {
-                        Ok(Message::Text(t)) => self.on_frame(ws, &out, t.as_bytes(), false).await?,
-                        Ok(Message::Binary(b)) => self.on_frame(ws, &out, &b, true).await?,
+                        // Boxed, like the other rare paths below: their futures would
+                        // otherwise sit in every idle connection's task.
+                        Ok(Message::Text(t)) => {
+                            Box::pin(self.on_frame(ws, &out, t.as_bytes(), false)).await?;
+                        }
+                        Ok(Message::Binary(b)) => Box::pin(self.on_frame(ws, &out, &b, true)).await?,
                         Ok(Message::Ping(_)) => {
                             if let Some(pong) = ws.take_replies().await {
                                 self.write(ws, pong).await?;
@@ -207,16 +200,45 @@ impl Session {
                         Err(e) => return Err(read_error(e)),
                     }
                 }
-                () = conn.queued() => out.write_queued(ws).await?,
-                _ = &mut idle => {
-                    let deadline = self.last_seen + 2 * self.heartbeat;
-                    if deadline <= Instant::now() {
+                // Only a member whose socket was full (or a TLS member) gets here.
+                () = conn.queued() => Box::pin(out.write_queued(ws)).await?,
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if drain_at.is_some_and(|at| at <= now) {
+                        return Err(End::Close(CloseCode::GoingAway));
+                    }
+                    let idle_at = self.last_seen + 2 * self.heartbeat;
+                    if idle_at <= now {
                         return Err(End::Close(CloseCode::Idle));
                     }
-                    idle.as_mut().reset(deadline);
+                    if next_ping <= now {
+                        self.write(ws, wire::ping()).await?;
+                        next_ping = now + self.heartbeat;
+                    }
+                    let next = drain_at.map_or(next_ping.min(idle_at), |d| d.min(next_ping).min(idle_at));
+                    timer.as_mut().reset(next);
                 }
-                _ = ping.tick() => self.write(ws, wire::ping()).await?,
             }
+        }
+    }
+
+    /// Sends the close frame `end` calls for (or the close reply the client is owed),
+    /// best effort: a dead or stuck socket must not hold the task.
+    async fn goodbye(&self, ws: &mut Socket, end: End) -> CloseReason {
+        match end {
+            End::Close(code) => {
+                let send = write_one(ws, &self.conn, self.heartbeat, wire::close(code));
+                let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
+                CloseReason::Code(code)
+            }
+            End::Peer => {
+                if let Some(reply) = ws.take_replies().await {
+                    let send = write_one(ws, &self.conn, self.heartbeat, reply);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
+                }
+                CloseReason::Peer
+            }
+            End::Error => CloseReason::Error,
         }
     }
 
@@ -546,7 +568,9 @@ async fn write_one(
             hot.bytes_out.increment(msg.len() as u64);
             Ok(())
         }
-        Push::Queued => Out { conn, heartbeat }.write_queued(ws).await,
+        // Boxed: the catch-up is the slow path, and inline its future would sit in every
+        // idle connection's task.
+        Push::Queued => Box::pin(Out { conn, heartbeat }.write_queued(ws)).await,
         Push::Dropped | Push::Killed | Push::Gone => Err(End::Error),
     }
 }
