@@ -410,7 +410,9 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoomConfig {
-    /// A room's events are gathered this long and sent as one `batch` frame.
+    /// A room's events are gathered this long and sent as one `batch` frame. Leading
+    /// edge: the first event of a quiet room (nothing sent during the last `batch_ms`)
+    /// goes at once, what follows within `batch_ms` together when it is up.
     pub batch_ms: u64,
     /// A `presence` event is sent this often when a room's online count changed.
     pub presence_ms: u64,

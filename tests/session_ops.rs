@@ -188,7 +188,27 @@ async fn the_room_gift_budget_refuses_new_gift_events_not_repeats() {
         c.join("roses").await;
         users.push(c);
     }
-    // Drain the presence noise, then start the test right after a window closed.
+    // Drain the presence noise, then start the test right after a window closed: the
+    // quiet room's first event (here the marker) goes at once and opens a window, so the
+    // gifts below all fall in the next one, a whole second away. Without the marker u1's
+    // gift would go alone, at once, and the budget would reset under the test.
+    users[0]
+        .events_until("roses", |e| {
+            e.iter()
+                .any(|e| e["type"] == "presence" && e["online"] == 3)
+        })
+        .await;
+    let (status, _) = gw
+        .api(
+            "POST",
+            "/api/v1/rooms/roses/events",
+            Some(&json!({"type":"system","text":"window-sync"})),
+        )
+        .await;
+    assert_eq!(status, 202);
+    users[0]
+        .events_until("roses", |e| e.iter().any(|e| e["text"] == "window-sync"))
+        .await;
     let gift = |r: i64| json!({"op":"gift","room":"roses","gift":"rose","ref":r});
     let a = users[0].call(gift(1), 1).await;
     let b = users[1].call(gift(2), 2).await;

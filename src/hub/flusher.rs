@@ -1,95 +1,214 @@
-//! Flushers: one per shard index, each owning the rooms whose id hashes to it. Every
-//! `room.batch_ms` a flusher takes each dirty room's window, appends it to the history,
-//! publishes this node's events to the backplane, and hands one [`Batch`] to every shard
-//! holding members of the room. Every `room.presence_ms` it announces changed online
-//! counts and forgets idle empty rooms.
+//! Flushers: one per shard index, each owning the rooms whose id hashes to it. Flushing
+//! a room takes its window (the events gathered since its last flush), appends it to the
+//! history, publishes this node's events to the backplane, and hands one [`Batch`] to
+//! every shard holding members of the room. Every `room.presence_ms` a flusher also
+//! announces changed online counts and forgets idle empty rooms.
+//!
+//! Windows are leading-edge, `room.batch_ms` long:
+//! - A **quiet** room (nothing flushed during the last `batch_ms`) sends its next event
+//!   at once: [`Hub::mark_dirty`] puts it on its flusher's urgent list and wakes the
+//!   flusher, which flushes it right away. A lone chat thus waits for no tick.
+//! - That flush opens a window: the room stays on the flusher's timer queue until
+//!   `batch_ms` later, and what it gets meanwhile is gathered and flushed together when
+//!   the window ends (promptly: the flusher sleeps until the earliest end).
+//! - A room still busy then (a **hot** room) is flushed every `batch_ms`, on a fixed
+//!   schedule, as a plain tick would; one that sent nothing during its last window
+//!   leaves the queue, and its next event again goes at once.
+//!
+//! So a member gets at most one window of a room per `batch_ms` (a window may still be
+//! cut into several frames by the outbound frame bound). A window opened by an
+//! immediate flush at `t0` is flushed no earlier than `t0 + batch_ms`; a hot room's
+//! windows keep their schedule within [`SLACK`] of the timer's lateness. The queue is a
+//! heap of the rooms flushed during the last window, so a flusher's work is O(log n) per
+//! flushed window, and it sleeps while all its rooms are quiet.
+//!
+//! Whether a room is on the queue (`next_flush`) is read and written under the room's
+//! lock, by the flusher and by `mark_dirty` alike, so an event either finds its room
+//! queued (and is flushed when the window ends) or wakes the flusher; none is left
+//! waiting for a wake-up that never comes.
 
-use std::sync::Arc;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::BinaryHeap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::Hub;
+use super::room::Room;
 use super::shard::ShardCmd;
 use super::window::Batch;
 use crate::metrics;
 use crate::protocol::{Event, EventBody};
 
+/// A hot room's next window is due `batch_ms` after the previous one was *due*, not
+/// after it was flushed, so the timer's lateness (it wakes on a millisecond tick) does
+/// not stretch every window; lateness beyond this restarts the schedule from the flush.
+/// Two windows are thus never closer than `batch_ms - SLACK` (and never closer than half
+/// a window).
+const SLACK: Duration = Duration::from_millis(1);
+
+/// A flusher's inbox, shared with publishers.
+#[derive(Default)]
+pub(super) struct Inbox {
+    /// Quiet rooms that got an event: flushed at once.
+    pub(super) urgent: Mutex<Vec<Arc<Room>>>,
+    /// Woken once something is pushed onto `urgent`.
+    pub(super) wake: Notify,
+}
+
+/// A room on its flusher's timer queue: its window may be flushed from `at`.
+struct Due {
+    at: Instant,
+    room: Arc<Room>,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    /// Reversed: `BinaryHeap` is a max-heap, the earliest window must be on top.
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        other.at.cmp(&self.at)
+    }
+}
+
 impl Hub {
     pub(super) async fn flusher_loop(self, index: usize, cancel: CancellationToken) {
-        let mut batch_tick = tokio::time::interval(Duration::from_millis(self.0.cfg.batch_ms));
-        batch_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let window = Duration::from_millis(self.0.cfg.batch_ms);
         let mut presence_tick =
             tokio::time::interval(Duration::from_millis(self.0.cfg.presence_ms));
         presence_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let inbox = &self.0.flushers[index];
+        // Rooms flushed during the last window, earliest end first.
+        let mut queue: BinaryHeap<Due> = BinaryHeap::new();
+        // Swapped with the inbox's list, so neither allocates once grown.
+        let mut urgent: Vec<Arc<Room>> = Vec::new();
         loop {
+            let next = queue.peek().map(|d| d.at);
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = batch_tick.tick() => self.flush(index).await,
+                _ = inbox.wake.notified() => {}
+                _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)),
+                    if next.is_some() => {}
                 _ = presence_tick.tick() => self.sweep(index),
+            }
+            self.flush_ready(index, window, &mut queue, &mut urgent)
+                .await;
+        }
+    }
+
+    /// Flushes the windows of flusher `index` that have ended, then the urgent rooms.
+    async fn flush_ready(
+        &self,
+        index: usize,
+        window: Duration,
+        queue: &mut BinaryHeap<Due>,
+        urgent: &mut Vec<Arc<Room>>,
+    ) {
+        // Read once: a window re-queued below ends later, so this loop ends.
+        let now = Instant::now();
+        while queue.peek().is_some_and(|d| d.at <= now) {
+            let Due { at, room } = queue.pop().expect("peeked");
+            if let Some(next) = self.flush(&room, Some(at), window).await {
+                queue.push(Due { at: next, room });
+            }
+        }
+        std::mem::swap(
+            &mut *self.0.flushers[index].urgent.lock().expect("urgent lock"),
+            urgent,
+        );
+        for room in urgent.drain(..) {
+            if let Some(next) = self.flush(&room, None, window).await {
+                queue.push(Due { at: next, room });
             }
         }
     }
 
-    /// Sends one batch per dirty room of flusher `index`.
-    async fn flush(&self, index: usize) {
-        let dirty = std::mem::take(&mut *self.0.dirty[index].lock().expect("dirty lock"));
+    /// Sends `room`'s window as one batch, if it has one. `due`: when the window ended
+    /// (None: an urgent room, quiet until now). Returns when the room's next window may
+    /// go, for the queue; None when the room is (again) quiet and off the queue.
+    async fn flush(&self, room: &Room, due: Option<Instant>, window: Duration) -> Option<Instant> {
         let hot = metrics::hot();
-        for room in dirty {
-            let (events, accepted, seq) = {
-                let mut st = room.state.lock().expect("room lock");
-                st.dirty = false;
-                let accepted = st.window_started.take().unwrap_or_else(Instant::now);
-                st.gifts.clear();
-                st.grabs_in_window = 0;
-                st.gifts_in_window = 0;
-                let events: Vec<Arc<Event>> = st.pending.drain(..).map(Arc::new).collect();
-                let local: Vec<Arc<Event>> = events
-                    .iter()
-                    .zip(st.local.drain(..))
-                    // Presence is each node's own view of the room; never forwarded.
-                    .filter(|(e, local)| *local && !matches!(e.body, EventBody::Presence { .. }))
-                    .map(|(e, _)| Arc::clone(e))
-                    .collect();
-                if !local.is_empty() {
-                    self.0.backplane.publish(&room.id, &local);
-                }
-                let cap = self.0.cfg.history_len;
-                for e in events.iter().filter(|e| e.body.in_history()) {
-                    if st.history.len() == cap {
-                        st.history.pop_front();
-                    }
-                    if cap > 0 {
-                        st.history.push_back(Arc::clone(e));
-                    }
-                }
-                if !events.is_empty() {
-                    st.flushed += 1;
-                }
-                (events, accepted, st.flushed)
-            };
-            if events.is_empty() {
-                continue;
+        let (events, accepted, seq, next) = {
+            let mut st = room.state.lock().expect("room lock");
+            if !st.dirty {
+                // Nothing during its last window: its next event goes at once.
+                st.next_flush = None;
+                return None;
             }
-            hot.batches.increment(1);
-            hot.batch_events.record(events.len() as f64);
-            let batch = Arc::new(Batch::new(
-                room.id.clone(),
-                seq,
-                events,
-                accepted,
-                self.0.max_frame,
-            ));
-            for (shard, members) in room.per_shard.iter().enumerate() {
-                if members.load(Ordering::Acquire) > 0 {
-                    let _ = self.0.shards[shard]
-                        .send_async(ShardCmd::Deliver(Arc::clone(&batch)))
-                        .await;
+            st.dirty = false;
+            let now = Instant::now();
+            let accepted = st.window_started.take().unwrap_or(now);
+            st.gifts.clear();
+            st.grabs_in_window = 0;
+            st.gifts_in_window = 0;
+            let events: Vec<Arc<Event>> = st.pending.drain(..).map(Arc::new).collect();
+            let local: Vec<Arc<Event>> = events
+                .iter()
+                .zip(st.local.drain(..))
+                // Presence is each node's own view of the room; never forwarded.
+                .filter(|(e, local)| *local && !matches!(e.body, EventBody::Presence { .. }))
+                .map(|(e, _)| Arc::clone(e))
+                .collect();
+            if !local.is_empty() {
+                self.0.backplane.publish(&room.id, &local);
+            }
+            let cap = self.0.cfg.history_len;
+            for e in events.iter().filter(|e| e.body.in_history()) {
+                if st.history.len() == cap {
+                    st.history.pop_front();
                 }
+                if cap > 0 {
+                    st.history.push_back(Arc::clone(e));
+                }
+            }
+            if !events.is_empty() {
+                st.flushed += 1;
+            }
+            // A window that sent nothing opens none: the room stays (or turns) quiet.
+            let next = (!events.is_empty()).then(|| match due {
+                // A hot room keeps its schedule unless the flush came late.
+                Some(at) => (at + window).max(now + (window - SLACK.min(window / 2))),
+                None => now + window,
+            });
+            st.next_flush = next;
+            (events, accepted, st.flushed, next)
+        };
+        if events.is_empty() {
+            return next;
+        }
+        hot.batches.increment(1);
+        hot.batch_events.record(events.len() as f64);
+        let batch = Arc::new(Batch::new(
+            room.id.clone(),
+            seq,
+            events,
+            accepted,
+            self.0.max_frame,
+        ));
+        for (shard, members) in room.per_shard.iter().enumerate() {
+            if members.load(Ordering::Acquire) > 0 {
+                let _ = self.0.shards[shard]
+                    .send_async(ShardCmd::Deliver(Arc::clone(&batch)))
+                    .await;
             }
         }
+        next
     }
 
     /// Announces changed online counts and forgets idle empty rooms, for flusher `index`.

@@ -1,10 +1,11 @@
 //! The room registry and the sharded actors that batch and fan out room events.
 //!
 //! A chat message through it: [`Hub::publish`] puts it in its room's window
-//! ([`room`]) → the room's flusher ([`flusher`]) closes the window every `room.batch_ms`
-//! and hands one [`Batch`] to each shard holding members → the batch is encoded once per
-//! format into shared frames ([`window`]) → each shard ([`shard`]) queues them to its
-//! members ([`conn`]) → each session writes its queue.
+//! ([`room`]) → the room's flusher ([`flusher`]) closes the window (at once for a quiet
+//! room, else when its `room.batch_ms` is up) and hands one [`Batch`] to each shard
+//! holding members → the batch is encoded once per format into shared frames
+//! ([`window`]) → each shard ([`shard`]) queues them to its members ([`conn`]) → each
+//! session writes its queue.
 //!
 //! Shape (why it is so):
 //! - **Rooms** live in a `DashMap`. A room holds its pending events for the current
@@ -13,7 +14,9 @@
 //! - **Flushers** (one per shard index) own the rooms whose id hashes to them. A room's
 //!   events are thus ordered in one place, so every member on every shard sees the same
 //!   order, and one window costs one frame per member (more only when it is cut to the
-//!   outbound frame bound).
+//!   outbound frame bound). Windows are leading-edge: a quiet room's first event goes
+//!   at once, what follows within `room.batch_ms` goes together when that is up, so a
+//!   member gets at most one window of a room per `batch_ms`.
 //! - **Shards** (N = cores by default) each own the local members of the connections
 //!   hashed to them, per room. A giant room is spread over every shard, so its fan-out
 //!   uses every core, and a slow member never blocks it: a full queue drops a droppable
@@ -84,8 +87,8 @@ struct Inner {
     max_frame: usize,
     rooms: DashMap<RoomId, Arc<Room>>,
     shards: Box<[flume::Sender<ShardCmd>]>,
-    /// Per flusher, the rooms with pending events.
-    dirty: Box<[Mutex<Vec<Arc<Room>>>]>,
+    /// Per flusher, its urgent rooms and wake-up.
+    flushers: Box<[flusher::Inbox]>,
     hasher: std::collections::hash_map::RandomState,
     seq: AtomicU64,
     /// `{node}-{start ms, hex}`: see [`Hub::next_id`].
@@ -120,7 +123,7 @@ impl Hub {
             max_frame,
             rooms: DashMap::new(),
             shards: senders.into(),
-            dirty: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            flushers: (0..shards).map(|_| flusher::Inbox::default()).collect(),
             hasher: Default::default(),
             seq: AtomicU64::new(0),
             id_prefix,
@@ -165,6 +168,7 @@ impl Hub {
                     local: Vec::new(),
                     history: VecDeque::new(),
                     dirty: false,
+                    next_flush: None,
                     window_started: None,
                     presence_sent: 0,
                     last_active: Instant::now(),
@@ -355,10 +359,12 @@ impl Hub {
                 let cap = self.0.cfg.max_gift_events;
                 if gift_budget && cap > 0 {
                     if st.gifts_in_window >= cap {
-                        // The window closes at most `batch_ms` after it started.
-                        let window = Duration::from_millis(self.0.cfg.batch_ms);
-                        let open = st.window_started.map_or(Duration::ZERO, |t| t.elapsed());
-                        let wait = window.saturating_sub(open).as_millis() as u64;
+                        // The window closes when its flusher's timer says, or at once
+                        // in a room that was quiet.
+                        let wait = st.next_flush.map_or(Duration::ZERO, |t| {
+                            t.saturating_duration_since(Instant::now())
+                        });
+                        let wait = wait.as_millis() as u64;
                         return Err(Refused {
                             retry_after_ms: wait.max(1),
                         });
@@ -443,8 +449,11 @@ impl Hub {
         self.mark_dirty(&r, st);
     }
 
-    /// Puts `r` on its flusher's dirty list (once per window); consumes the room guard so
-    /// the dirty-list lock is never taken under it.
+    /// Notes that `r`'s window holds events (once per window). A room on its flusher's
+    /// timer queue (flushed during the last `room.batch_ms`) is flushed when its window
+    /// ends; a quiet one is put on the flusher's urgent list and the flusher woken, so
+    /// its first event goes at once. Consumes the room guard so the urgent-list lock is
+    /// never taken under it; allocates nothing once the list has grown.
     fn mark_dirty(&self, r: &Arc<Room>, mut st: std::sync::MutexGuard<'_, RoomState>) {
         if st.window_started.is_none() {
             st.window_started = Some(Instant::now());
@@ -453,11 +462,17 @@ impl Hub {
             return;
         }
         st.dirty = true;
+        if st.next_flush.is_some() {
+            return;
+        }
         drop(st);
-        self.0.dirty[r.owner]
+        let flusher = &self.0.flushers[r.owner];
+        flusher
+            .urgent
             .lock()
-            .expect("dirty lock")
+            .expect("urgent lock")
             .push(Arc::clone(r));
+        flusher.wake.notify_one();
     }
 
     /// Rooms with state on this node and their local member counts.
@@ -547,5 +562,112 @@ mod tests {
             .collect();
         assert_eq!(pending, ["pending", "new"]);
         cancel.cancel();
+    }
+
+    /// (windows flushed, ids in history) of `room`.
+    fn flushed(hub: &Hub, room: &RoomId) -> (u64, Vec<String>) {
+        let r = Arc::clone(&hub.0.rooms.get(room).expect("room"));
+        let st = r.state.lock().unwrap();
+        (
+            st.flushed,
+            st.history.iter().map(|e| e.id.clone()).collect(),
+        )
+    }
+
+    /// Leading edge: a quiet room's first event is flushed at once; what follows inside
+    /// `batch_ms` goes together, no sooner than `batch_ms` after that flush and promptly
+    /// then; a busy room is flushed once per `batch_ms`; a room that sent nothing for a
+    /// window is quiet again.
+    // Paused clock: the flusher's timers fire exactly, so the instants below are exact.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_quiet_rooms_first_event_goes_at_once_and_windows_stay_batch_ms_apart() {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let cfg = RoomConfig {
+            batch_ms: 100,
+            presence_ms: 3_600_000,
+            ..RoomConfig::default()
+        };
+        let hub = Hub::start(
+            Arc::from("n"),
+            cfg,
+            crate::config::MIN_OUT_FRAME_BYTES,
+            2,
+            Arc::new(crate::backplane::Local),
+            &cancel,
+            &tracker,
+        );
+        let room = RoomId::parse("r").unwrap();
+        let say = |text: &str| {
+            hub.publish(
+                &room,
+                EventBody::System {
+                    text: text.into(),
+                    data: None,
+                },
+            )
+        };
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let at = |n: u64| tokio::time::sleep_until(t0 + ms(n));
+
+        let a = say("a");
+        // Nothing but the wake-up: the flusher runs without the clock moving.
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        assert_eq!(Instant::now(), t0, "the clock did not move");
+        assert_eq!(flushed(&hub, &room), (1, vec![a.clone()]), "sent at once");
+
+        // Two events inside the window go together when it ends, at t0 + 100 ms.
+        at(10).await;
+        let b = say("b");
+        at(60).await;
+        let c = say("c");
+        at(99).await;
+        assert_eq!(flushed(&hub, &room).0, 1, "not before the window ends");
+        at(101).await;
+        assert_eq!(
+            flushed(&hub, &room),
+            (2, vec![a.clone(), b.clone(), c.clone()]),
+            "one window, at its end"
+        );
+
+        // Still busy: one window per batch_ms, on schedule (t0 + 200, t0 + 300).
+        at(150).await;
+        let d = say("d");
+        at(199).await;
+        assert_eq!(flushed(&hub, &room).0, 2);
+        at(201).await;
+        assert_eq!(flushed(&hub, &room).0, 3);
+        at(210).await;
+        let e = say("e");
+        at(299).await;
+        assert_eq!(flushed(&hub, &room).0, 3);
+        at(301).await;
+        assert_eq!(flushed(&hub, &room).1, [a, b, c, d, e.clone()]);
+
+        // Nothing during t0 + 300..400: quiet again, so the next event goes at once.
+        at(450).await;
+        let f = say("f");
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        assert_eq!(Instant::now(), t0 + ms(450));
+        let (n, ids) = flushed(&hub, &room);
+        assert_eq!(
+            (n, ids.last()),
+            (5, Some(&f)),
+            "a quiet room's event goes at once"
+        );
+        // ... and opens a window: the next one waits for t0 + 550.
+        at(460).await;
+        let g = say("g");
+        at(549).await;
+        assert_eq!(flushed(&hub, &room).0, 5);
+        at(551).await;
+        assert_eq!(flushed(&hub, &room).1.last(), Some(&g));
+        assert_ne!(e, g);
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
     }
 }

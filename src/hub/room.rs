@@ -31,8 +31,13 @@ pub(super) struct RoomState {
     pub(super) local: Vec<bool>,
     /// Recent non-presence events, oldest first, at most `history_len`.
     pub(super) history: VecDeque<Arc<Event>>,
-    /// Whether the room is on its flusher's dirty list.
+    /// Whether the current window holds events not yet flushed: the room is then on its
+    /// flusher's timer queue (`next_flush` set) or on its urgent list (not set).
     pub(super) dirty: bool,
+    /// Set while the room is on its flusher's timer queue: when its current window may
+    /// be flushed (`room.batch_ms` after the last). None: the room is quiet, and its next
+    /// event is flushed at once. Read and written under this lock only.
+    pub(super) next_flush: Option<Instant>,
     /// When the first event of the current window was accepted.
     pub(super) window_started: Option<Instant>,
     /// Online count last announced by a `presence` event.
