@@ -11,9 +11,10 @@
 //! ([`protocol`]) and checks it → [`hub`] queues it on the room → the room's flusher
 //! batches the window, which [`hub::window`] encodes once per format into complete
 //! WebSocket frames ([`wire`]) within the outbound frame bound → each shard holding
-//! members pushes the shared frames into their bounded queues → each [`session`] writes
-//! them straight to its socket ([`session::socket`], taken back from hyper by
-//! [`upgrade`]).
+//! members writes the shared frames to their sockets itself, one non-blocking `write()`
+//! each ([`hub::Conn::push`]); only what a full socket does not take is queued, and that
+//! member's [`session`] finishes it when the socket is writable ([`session::socket`],
+//! the socket taken back from hyper by [`upgrade`]).
 //!
 //! | module | owns |
 //! |---|---|
