@@ -150,8 +150,9 @@ impl Session {
             heartbeat: self.heartbeat,
         };
         if let Some(room) = room {
-            let reply = out.pump(ws, Box::pin(self.join(room, 0))).await?;
-            self.reply(ws, reply, None).await?;
+            // Boxed: runs once; inline, its state would sit in every idle task.
+            let reply = Box::pin(out.pump(ws, Box::pin(self.join(room, 0)))).await?;
+            Box::pin(self.reply(ws, reply, None)).await?;
         }
 
         let drain = self.shared.drain.clone();
@@ -506,7 +507,7 @@ impl Out<'_> {
                 out = &mut op => return Ok(out),
                 code = self.conn.killed() => break End::Close(code),
                 () = self.conn.queued() => {
-                    if let Err(end) = self.write_queued(ws).await {
+                    if let Err(end) = Box::pin(self.write_queued(ws)).await {
                         break end;
                     }
                 }
