@@ -842,6 +842,15 @@ mod tests {
         let long_node = "n".repeat(MAX_NODE_ID_LEN + 1);
         let long_gift = "g".repeat(crate::protocol::MAX_ID_LEN + 1);
         let cases: Vec<(String, &str)> = vec![
+            // One event (an API body is at most 64 KiB) must fit in a frame of its own.
+            (
+                "[limits]\nmax_out_frame_bytes = 131071".into(),
+                "limits.max_out_frame_bytes",
+            ),
+            (
+                "[limits]\nmax_handshakes = 0".into(),
+                "limits.max_handshakes",
+            ),
             // Rates: governor's quota needs a positive, finite period (1 / rate).
             (
                 "[ratelimit]\nchat = { rate = 0.0, burst = 5 }".into(),
@@ -979,6 +988,7 @@ mod tests {
              max_expires_in_s = 2592000\nretain_s = 31536000\n\
              [presence]\nnode_ttl_s = 2\nsync_ms = 1999\n\
              [redis]\npublish_queue = 1\n\
+             [limits]\nmax_out_frame_bytes = 131072\nmax_handshakes = 1\n\
              [[gifts]]\nid = \"{gift}\"\nname = \"Long\"\nfree = true"
         ))
         .unwrap();

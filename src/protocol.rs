@@ -3,15 +3,13 @@
 //! named fields).
 //!
 //! Decoding validates everything a frame can be checked for on its own (types, room ids,
-//! ranges, text length), so the session only sees well-formed ops. Encoding produces a
-//! ready-to-send WebSocket [`Message`]; a batch is encoded once per format and the
-//! `Message` cloned per member (a refcount bump, never a copy).
+//! ranges, text length), so the session only sees well-formed ops. Server frames are
+//! `Serialize`; [`crate::wire`] turns them into complete WebSocket frame bytes, once per
+//! format, shared by every member.
 
 use std::fmt;
 use std::sync::Arc;
 
-use axum::extract::ws::{Message, Utf8Bytes};
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Wire format of one connection, chosen by `format=` or the subprotocol.
@@ -254,13 +252,6 @@ impl CloseCode {
             CloseCode::InvalidPayload => "text frame is not UTF-8",
             CloseCode::ProtocolError => "protocol error",
         }
-    }
-
-    pub fn message(self) -> Message {
-        Message::Close(Some(axum::extract::ws::CloseFrame {
-            code: self.code(),
-            reason: Utf8Bytes::from_static(self.reason()),
-        }))
     }
 }
 
@@ -630,20 +621,6 @@ impl ServerFrame<'_> {
             retry_after_ms: err.retry_after_ms,
         }
     }
-
-    /// Encodes in `format` as a WebSocket message.
-    pub fn encode(&self, format: Format) -> Message {
-        match format {
-            // Serializing these types cannot fail: every map key is a string and no
-            // value is a non-finite float coming from us (system `data` came from JSON).
-            Format::Json => Message::Text(Utf8Bytes::from(
-                serde_json::to_string(self).expect("server frames serialize to JSON"),
-            )),
-            Format::Msgpack => Message::Binary(Bytes::from(
-                rmp_serde::to_vec_named(self).expect("server frames serialize to MessagePack"),
-            )),
-        }
-    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -756,28 +733,25 @@ mod tests {
 
     #[test]
     fn frames_encode_with_op_tag() {
-        let m = ServerFrame::Ack {
+        let t = serde_json::to_string(&ServerFrame::Ack {
             reference: Some(1),
             amount: None,
-        }
-        .encode(Format::Json);
-        let Message::Text(t) = m else { panic!() };
-        assert_eq!(t.as_str(), r#"{"op":"ack","ref":1}"#);
+        })
+        .unwrap();
+        assert_eq!(t, r#"{"op":"ack","ref":1}"#);
         let ev = Arc::new(Event {
             id: "n-1".into(),
             ts: 5,
             body: EventBody::Presence { online: 3 },
         });
         let room = RoomId::parse("r").unwrap();
-        let Message::Text(t) = (ServerFrame::Batch {
+        let t = serde_json::to_string(&ServerFrame::Batch {
             room: &room,
             events: &[ev],
         })
-        .encode(Format::Json) else {
-            panic!()
-        };
+        .unwrap();
         assert_eq!(
-            t.as_str(),
+            t,
             r#"{"op":"batch","room":"r","events":[{"id":"n-1","ts":5,"type":"presence","online":3}]}"#
         );
     }

@@ -16,17 +16,7 @@ async fn gateway(edit: impl FnOnce(&mut Config)) -> Gateway {
     .await
 }
 
-/// An error answer: `status` with `{"code": code, "message": <non-empty string>}`.
-#[track_caller]
-fn assert_error(got: &(u16, Value), status: u16, code: &str, what: &str) {
-    assert_eq!(got.0, status, "{what}: {}", got.1);
-    assert_eq!(got.1["code"], code, "{what}: {}", got.1);
-    assert!(
-        got.1["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{what}: {}",
-        got.1
-    );
-}
+use support::assert_http_error as assert_error;
 
 #[tokio::test]
 async fn healthz_and_readyz() {

@@ -17,17 +17,7 @@ use support::{API_TOKEN, Gateway, WAIT, http, relax_rate_limits, token, token_cl
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// An error answer: `status` with `{"code": code, "message": <non-empty string>}`.
-#[track_caller]
-fn assert_error(got: &(u16, Value), status: u16, code: &str, what: &str) {
-    assert_eq!(got.0, status, "{what}: {}", got.1);
-    assert_eq!(got.1["code"], code, "{what}: {}", got.1);
-    assert!(
-        got.1["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{what}: {}",
-        got.1
-    );
-}
+use support::assert_http_error as assert_error;
 
 async fn gateway() -> Gateway {
     Gateway::start_with(|c| {

@@ -87,7 +87,7 @@ pub struct Written {
 }
 
 /// One frame in a member's outbound queue.
-pub struct Outbound {
+struct Outbound {
     /// A complete WebSocket frame, shared with every other member it goes to.
     pub frame: Bytes,
     /// When the oldest event in it was accepted, for the end-to-end latency histogram.
@@ -166,8 +166,8 @@ impl Conn {
                     written = n;
                 }
             }
-            if written == 0
-                && let Some(droppable) = droppable
+            // A partly written frame only happens on an empty queue, never over the cap.
+            if let Some(droppable) = droppable
                 && q.frames.len() >= self.cap
             {
                 drop(q);
@@ -190,7 +190,8 @@ impl Conn {
     }
 
     /// The oldest queued frame, if any.
-    pub fn try_next(&self) -> Option<Outbound> {
+    #[cfg(test)]
+    fn try_next(&self) -> Option<Outbound> {
         let mut q = self.queue.lock().expect("outbound lock");
         q.written = 0;
         q.frames.pop_front()
@@ -206,7 +207,7 @@ impl Conn {
         }
     }
 
-    /// Offers the unwritten bytes of up to `max` queued frames to `write` (one vectored
+    /// Offers the unwritten bytes of up to 16 queued frames to `write` (one vectored
     /// write) and takes off the queue what it wrote. The queue lock is held for this
     /// one call, never across an await; the frames stay shared (nothing is copied), so a
     /// member that stops reading holds references, not bytes.
@@ -215,14 +216,13 @@ impl Conn {
     /// `write`'s error.
     pub fn write_front(
         &self,
-        max: usize,
         write: impl FnOnce(&[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>>,
     ) -> std::task::Poll<std::io::Result<Written>> {
         use std::io::IoSlice;
         use std::task::Poll;
         const MAX: usize = 16;
         let mut q = self.queue.lock().expect("outbound lock");
-        let n = q.frames.len().min(max).min(MAX);
+        let n = q.frames.len().min(MAX);
         if n == 0 {
             return Poll::Ready(Ok(Written::default()));
         }
@@ -341,7 +341,7 @@ mod tests {
         }
         let mut wire = Vec::new();
         let mut take = |budget: usize| {
-            let Poll::Ready(Ok(w)) = conn.write_front(16, |slices| {
+            let Poll::Ready(Ok(w)) = conn.write_front(|slices| {
                 let mut n = 0;
                 for s in slices {
                     let k = s.len().min(budget - n);

@@ -52,7 +52,7 @@ mod room;
 mod shard;
 pub mod window;
 
-pub use conn::{Conn, ConnId, Outbound, Push, Written};
+pub use conn::{Conn, ConnId, Push, Written};
 pub use window::Batch;
 
 use room::{Room, RoomState, chat_weight};

@@ -45,8 +45,6 @@ use socket::Socket;
 
 /// At most this many queued frames are written per flush, so replies are not starved.
 const MAX_FRAMES_PER_FLUSH: usize = 64;
-/// Queued frames gathered into one vectored write.
-const MAX_FRAMES_PER_WRITE: usize = 16;
 
 /// What the HTTP layer decided before the upgrade.
 pub struct Params {
@@ -527,8 +525,7 @@ impl Out<'_> {
                 // The write happens inside one poll: no slice array or frame is held
                 // across an await, so an idle connection's task stays small.
                 let w = std::future::poll_fn(|cx| {
-                    self.conn
-                        .write_front(MAX_FRAMES_PER_WRITE, |s| ws.poll_write_vectored(cx, s))
+                    self.conn.write_front(|s| ws.poll_write_vectored(cx, s))
                 })
                 .await?;
                 total.frames += w.frames;

@@ -1524,3 +1524,15 @@ pub fn token_claims(claims: &Value) -> String {
     )
     .expect("HS256 signing with an HMAC key cannot fail")
 }
+
+/// An HTTP error answer: `status` with `{"code": code, "message": <non-empty string>}`.
+#[track_caller]
+pub fn assert_http_error(got: &(u16, Value), status: u16, code: &str, what: &str) {
+    assert_eq!(got.0, status, "{what}: {}", got.1);
+    assert_eq!(got.1["code"], code, "{what}: {}", got.1);
+    assert!(
+        got.1["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {}",
+        got.1
+    );
+}
