@@ -22,6 +22,8 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tungstenite::protocol::WebSocketConfig;
 
+pub mod moderation;
+
 use crate::admission::Refused;
 use crate::metrics;
 use crate::protocol::{EventBody, Format, RoomId, User};
@@ -48,7 +50,7 @@ pub struct HttpError {
 }
 
 impl HttpError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -56,7 +58,7 @@ impl HttpError {
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
@@ -115,7 +117,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/rooms/{room}", get(get_room))
         .route("/api/v1/rooms/{room}/redpackets", post(post_redpacket))
         .route("/api/v1/redpackets/{packet}", get(get_redpacket))
+        .merge(moderation::routes())
         .layer(axum::extract::DefaultBodyLimit::max(API_MAX_BODY))
+        .merge(
+            moderation::filter_routes().layer(axum::extract::DefaultBodyLimit::max(
+                moderation::FILTERS_MAX_BODY,
+            )),
+        )
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
             require_api_token,
@@ -189,6 +197,20 @@ async fn ws_upgrade(
         None if shared.cfg.auth.allow_anonymous => None,
         None => return Err(HttpError::unauthorized("token required")),
     };
+    if let Some(u) = &user
+        && let Some(ban) = shared.moderation.ban_of(&u.id)
+    {
+        metrics::refused("banned");
+        let until = ban.until.map_or_else(
+            || "until lifted".to_string(),
+            |t| format!("until {t} (unix ms)"),
+        );
+        return Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            "banned",
+            format!("user is banned {until}"),
+        ));
+    }
     let ticket = shared.admission.admit(client_ip).map_err(|r| {
         let (status, reason) = match r {
             Refused::NodeFull => (StatusCode::SERVICE_UNAVAILABLE, "max_conns"),

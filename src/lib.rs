@@ -47,6 +47,7 @@ pub mod edge;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod moderation;
 pub mod protocol;
 pub mod ratelimit;
 pub mod redis_link;

@@ -47,6 +47,16 @@ pub const EDGE_HANDSHAKES: &str = "danmaku_edge_handshakes_total";
 pub const EDGE_HANDSHAKE_SECONDS: &str = "danmaku_edge_handshake_seconds";
 pub const EDGE_HANDSHAKES_IN_FLIGHT: &str = "danmaku_edge_handshakes_in_flight";
 pub const TLS_CERT_RELOADS: &str = "danmaku_tls_cert_reloads_total";
+pub const MODERATION_ACTIONS: &str = "danmaku_moderation_actions_total";
+pub const MODERATION_REFUSED: &str = "danmaku_moderation_refused_total";
+pub const MODERATION_FILTERED: &str = "danmaku_moderation_filtered_total";
+pub const MODERATION_ACTIVE_BANS: &str = "danmaku_moderation_active_bans";
+pub const MODERATION_ACTIVE_MUTES: &str = "danmaku_moderation_active_mutes";
+
+/// Every `action` of [`MODERATION_ACTIONS`].
+pub const MODERATION_ACTION_LABELS: [&str; 7] = [
+    "mute", "unmute", "ban", "unban", "settings", "filters", "recall",
+];
 
 /// Every `outcome` of [`EDGE_HANDSHAKES`]: `ok` (a first request head read), the ways a
 /// connection ends before one, and `shed` (accepted while `limits.max_handshakes`
@@ -241,7 +251,7 @@ pub fn hot() -> &'static Hot {
 /// first increment (a series born at 1 has no earlier point to compute a rate from).
 fn preregister() {
     use crate::backplane as bp;
-    for reason in ["draining", "max_conns", "max_conns_per_ip"] {
+    for reason in ["draining", "max_conns", "max_conns_per_ip", "banned"] {
         counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(0);
     }
     for outcome in EDGE_OUTCOMES {
@@ -264,9 +274,21 @@ fn preregister() {
         "redpacket_done",
         "presence",
         "system",
+        "recall",
     ] {
         counter!(EVENTS, "type" => kind).increment(0);
     }
+    for action in MODERATION_ACTION_LABELS {
+        counter!(MODERATION_ACTIONS, "action" => action).increment(0);
+    }
+    for reason in ["muted", "chat_closed", "slow_mode"] {
+        counter!(MODERATION_REFUSED, "reason" => reason).increment(0);
+    }
+    for list in ["block", "mask"] {
+        counter!(MODERATION_FILTERED, "list" => list).increment(0);
+    }
+    gauge!(MODERATION_ACTIVE_BANS).set(0.0);
+    gauge!(MODERATION_ACTIVE_MUTES).set(0.0);
     counter!(REDPACKET_GRABS, "outcome" => "ok").increment(0);
     for code in ErrorCode::ALL {
         counter!(REDPACKET_GRABS, "outcome" => code.as_str()).increment(0);
@@ -357,6 +379,26 @@ fn describe() {
         "Gift events merged into an earlier one of the same window."
     );
     describe_counter!(REDPACKETS_CREATED, "Red packets created.");
+    describe_counter!(
+        MODERATION_ACTIONS,
+        "Moderation changes made through this node's API (mute, unmute, ban, unban, settings, filters, recall)."
+    );
+    describe_counter!(
+        MODERATION_REFUSED,
+        "Client chat/gift refused by moderation, by reason (muted, chat_closed, slow_mode)."
+    );
+    describe_counter!(
+        MODERATION_FILTERED,
+        "Client chat caught by a keyword filter, by list (block: refused, mask: sent masked)."
+    );
+    describe_gauge!(
+        MODERATION_ACTIVE_BANS,
+        "Bans in force (cluster-wide state as this node knows it)."
+    );
+    describe_gauge!(
+        MODERATION_ACTIVE_MUTES,
+        "Room mutes in force (cluster-wide state as this node knows it)."
+    );
     describe_counter!(REDPACKET_GRABS, "Red-packet grab attempts, by outcome.");
     describe_histogram!(
         REDPACKET_GRAB_SECONDS,

@@ -86,6 +86,15 @@ impl RoomId {
     }
 }
 
+/// Deserializes with the same validation as [`RoomId::parse`] (ids read back from the
+/// moderation store or from another node).
+impl<'de> Deserialize<'de> for RoomId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        RoomId::parse(&s).map_err(|e| serde::de::Error::custom(e.message))
+    }
+}
+
 impl fmt::Debug for RoomId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&*self.0, f)
@@ -113,7 +122,11 @@ pub enum ErrorCode {
     Unauthorized,
     NotJoined,
     Forbidden,
+    /// Muted in this room, or the room's chat is closed (v1.1 moderation).
+    Muted,
     RateLimited,
+    /// The chat text matched a blocked word; nothing was broadcast (v1.1 moderation).
+    Filtered,
     RoomFull,
     TooManyRooms,
     PacketNotFound,
@@ -125,13 +138,15 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadRequest,
         ErrorCode::TooLarge,
         ErrorCode::Unauthorized,
         ErrorCode::NotJoined,
         ErrorCode::Forbidden,
+        ErrorCode::Muted,
         ErrorCode::RateLimited,
+        ErrorCode::Filtered,
         ErrorCode::RoomFull,
         ErrorCode::TooManyRooms,
         ErrorCode::PacketNotFound,
@@ -149,7 +164,9 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotJoined => "not_joined",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Muted => "muted",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Filtered => "filtered",
             ErrorCode::RoomFull => "room_full",
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::PacketNotFound => "packet_not_found",
@@ -217,10 +234,13 @@ pub enum CloseCode {
     /// unmasked client frame, an unknown opcode, a long or fragmented control frame, a
     /// stray continuation). The framing is lost, so no `error` frame can follow.
     ProtocolError,
+    /// 4030: the user is banned (v1.1 moderation); reconnecting is refused until the
+    /// ban ends.
+    Banned,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 7] = [
+    pub const ALL: [CloseCode; 8] = [
         CloseCode::GoingAway,
         CloseCode::Policy,
         CloseCode::TooBig,
@@ -228,6 +248,7 @@ impl CloseCode {
         CloseCode::SlowConsumer,
         CloseCode::InvalidPayload,
         CloseCode::ProtocolError,
+        CloseCode::Banned,
     ];
 
     pub fn code(self) -> u16 {
@@ -239,6 +260,7 @@ impl CloseCode {
             CloseCode::SlowConsumer => 4010,
             CloseCode::InvalidPayload => 1007,
             CloseCode::ProtocolError => 1002,
+            CloseCode::Banned => 4030,
         }
     }
 
@@ -251,6 +273,7 @@ impl CloseCode {
             CloseCode::SlowConsumer => "slow consumer",
             CloseCode::InvalidPayload => "text frame is not UTF-8",
             CloseCode::ProtocolError => "protocol error",
+            CloseCode::Banned => "banned",
         }
     }
 }
@@ -527,6 +550,11 @@ pub enum EventBody {
         #[serde(skip_serializing_if = "Option::is_none")]
         data: Option<serde_json::Value>,
     },
+    /// A moderator took back the event `target`: clients remove it from view, rooms
+    /// from their history (v1.1 moderation).
+    Recall {
+        target: String,
+    },
 }
 
 impl EventBody {
@@ -550,6 +578,7 @@ impl EventBody {
             EventBody::RedpacketDone { .. } => "redpacket_done",
             EventBody::Presence { .. } => "presence",
             EventBody::System { .. } => "system",
+            EventBody::Recall { .. } => "recall",
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::config::BackplaneKind;
 use crate::config::Config;
 use crate::edge::Edge;
 use crate::hub::Hub;
+use crate::moderation::{Moderation, ModerationError};
 use crate::ratelimit::RateLimits;
 use crate::redis_link::RedisLink;
 use crate::redpacket::journal::JournalError;
@@ -43,6 +44,8 @@ pub enum ServerError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("opening the moderation state (data.dir or redis): {0}")]
+    Moderation(#[from] ModerationError),
     /// TLS files or the trust list: a configuration error naming its key.
     #[error(transparent)]
     Edge(#[from] crate::edge::EdgeError),
@@ -144,11 +147,16 @@ pub async fn run(
         _ => RateLimits::new(&cfg.ratelimit),
     };
     ratelimits.start_sweeper(&stop, &tasks);
+    let moderation = match &link {
+        None => Moderation::open_local(node.clone(), &cfg.data.dir, &stop, &tasks).await?,
+        Some(link) => Moderation::open_redis(node.clone(), Arc::clone(link), &stop, &tasks).await?,
+    };
     edge.watch_certificates(&stop, &tasks);
     let shared = Arc::new(Shared {
         trusted: edge.trusted().clone(),
         ratelimits,
         redpackets,
+        moderation,
         gifts: cfg
             .gifts
             .iter()

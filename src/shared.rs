@@ -17,6 +17,7 @@ use crate::backplane::Backplane;
 use crate::config::{Config, GiftConfig};
 use crate::edge::trust::Trusted;
 use crate::hub::{ConnId, Hub};
+use crate::moderation::Moderation;
 use crate::ratelimit::RateLimits;
 use crate::redpacket::RedPackets;
 
@@ -29,6 +30,8 @@ pub struct Shared {
     pub admission: Arc<Admission>,
     pub ratelimits: Arc<RateLimits>,
     pub redpackets: Arc<RedPackets>,
+    /// Mutes, bans, room settings and keyword filters (local copy of the cluster's).
+    pub moderation: Arc<Moderation>,
     /// The gift catalog by id.
     pub gifts: HashMap<String, GiftConfig>,
     /// `server.trusted_proxies`: whose `X-Forwarded-For` is believed.

@@ -3,12 +3,16 @@
 //! `/demo.css`. The sources live in `web/` and are compiled in with `include_str!`, so
 //! a deployed gateway needs no files beside it.
 //!
-//! With `[web] dev_tokens = true` (off by default) two helpers make the page usable on a
-//! laptop without a login service; both answer 404 when it is off:
+//! With `[web] dev_tokens = true` (off by default) a few helpers make the page usable on
+//! a laptop without a login service or a backend; all answer 404 when it is off:
 //! - `GET /dev/token?name=Alice` → `{"token","user"}`: a JWT signed with `auth.secret`
 //!   for a fresh `dev-<random>` user, valid for an hour.
 //! - `POST /dev/redpacket?room=R` → 201 `{"packet"}`: a small red packet (1000 cents in
 //!   10 shares) from a demo sponsor. The browser never sees the API token.
+//! - The moderator panel's helpers, each a thin wrapper over the moderation API with the
+//!   same checks: `POST /dev/mute?room=R&user=U[&duration_s=N]`,
+//!   `POST /dev/unmute?room=R&user=U`, `POST /dev/recall?room=R&id=EVENT`, and
+//!   `GET`/`POST /dev/settings?room=R[&chat=open|closed][&slow_mode_s=N]`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +24,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
+use crate::http::HttpError;
+use crate::http::moderation;
+use crate::moderation::{Change, ChatState, MAX_DURATION_S, MAX_SLOW_MODE_S, Restriction};
 use crate::protocol::{RoomId, User, now_ms};
 use crate::redpacket::{CreateError, CreateRequest};
 use crate::shared::Shared;
@@ -73,6 +80,10 @@ pub fn routes() -> Router<Arc<Shared>> {
     router
         .route("/dev/token", get(dev_token))
         .route("/dev/redpacket", post(dev_redpacket))
+        .route("/dev/mute", post(dev_mute))
+        .route("/dev/unmute", post(dev_unmute))
+        .route("/dev/recall", post(dev_recall))
+        .route("/dev/settings", get(dev_get_settings).post(dev_settings))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -184,6 +195,140 @@ async fn dev_redpacket(State(shared): State<Arc<Shared>>, RawQuery(query): RawQu
             e.to_string(),
         ),
     }
+}
+
+/// The query of a dev moderation helper and its `room`, or the answer to give.
+fn dev_room_query(
+    shared: &Shared,
+    query: Option<&str>,
+) -> Result<(HashMap<String, String>, RoomId), HttpError> {
+    if !shared.cfg.web.dev_tokens {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route",
+        ));
+    }
+    let params = query_params(query).map_err(HttpError::bad_request)?;
+    let room = params
+        .get("room")
+        .ok_or_else(|| HttpError::bad_request("room: required"))?;
+    let room = RoomId::parse(room).map_err(|e| HttpError::bad_request(e.message))?;
+    Ok((params, room))
+}
+
+fn required<'a>(params: &'a HashMap<String, String>, key: &str) -> Result<&'a str, HttpError> {
+    params
+        .get(key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| HttpError::bad_request(format!("{key}: required")))
+}
+
+fn number<T: std::str::FromStr>(
+    params: &HashMap<String, String>,
+    key: &str,
+) -> Result<Option<T>, HttpError> {
+    params
+        .get(key)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| HttpError::bad_request(format!("{key}: not a number")))
+        })
+        .transpose()
+}
+
+/// `POST /dev/mute?room=R&user=U[&duration_s=N]` → 204: the demo's moderator panel.
+async fn dev_mute(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, HttpError> {
+    let (params, room) = dev_room_query(&shared, query.as_deref())?;
+    let user = required(&params, "user")?.to_owned();
+    let duration_s: Option<u64> = number(&params, "duration_s")?;
+    if duration_s == Some(0) || duration_s.is_some_and(|d| d > MAX_DURATION_S) {
+        return Err(HttpError::bad_request("duration_s: 1 up to ten years"));
+    }
+    let change = Change::Mute {
+        room,
+        user,
+        restriction: Restriction {
+            until: duration_s.map(|d| now_ms() + d * 1000),
+            reason: Some("muted from the demo's moderator panel".into()),
+        },
+    };
+    shared
+        .moderation
+        .apply(change)
+        .await
+        .map_err(moderation::store_error)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /dev/unmute?room=R&user=U` → 204, or 404 when not muted.
+async fn dev_unmute(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, HttpError> {
+    let (params, room) = dev_room_query(&shared, query.as_deref())?;
+    let user = required(&params, "user")?.to_owned();
+    let applied = shared
+        .moderation
+        .apply(Change::Unmute { room, user })
+        .await
+        .map_err(moderation::store_error)?;
+    moderation::done_or_404(applied, "mute")
+}
+
+/// `POST /dev/recall?room=R&id=EVENT` → 202 `{"id"}` (the recall event's id).
+async fn dev_recall(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, HttpError> {
+    let (params, room) = dev_room_query(&shared, query.as_deref())?;
+    let target = moderation::event_id_param(required(&params, "id")?.to_owned())?;
+    let id = moderation::recall(&shared, &room, target);
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({"id": id}))).into_response())
+}
+
+/// `GET /dev/settings?room=R` → 200 with the room's settings.
+async fn dev_get_settings(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, HttpError> {
+    let (_, room) = dev_room_query(&shared, query.as_deref())?;
+    Ok(axum::Json(shared.moderation.settings(&room)).into_response())
+}
+
+/// `POST /dev/settings?room=R[&chat=open|closed][&slow_mode_s=N]` → 200 with the
+/// room's settings after the change.
+async fn dev_settings(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, HttpError> {
+    let (params, room) = dev_room_query(&shared, query.as_deref())?;
+    let mut settings = shared.moderation.settings(&room);
+    match params.get("chat").map(String::as_str) {
+        None => {}
+        Some("open") => settings.chat = ChatState::Open,
+        Some("closed") => settings.chat = ChatState::Closed,
+        Some(_) => return Err(HttpError::bad_request("chat: open or closed")),
+    }
+    if let Some(s) = number::<u32>(&params, "slow_mode_s")? {
+        if s > MAX_SLOW_MODE_S {
+            return Err(HttpError::bad_request("slow_mode_s: at most a day"));
+        }
+        settings.slow_mode_s = s;
+    }
+    shared
+        .moderation
+        .apply(Change::Settings {
+            room: room.clone(),
+            settings,
+        })
+        .await
+        .map_err(moderation::store_error)?;
+    Ok(axum::Json(shared.moderation.settings(&room)).into_response())
 }
 
 #[cfg(test)]

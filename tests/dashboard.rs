@@ -26,7 +26,7 @@ use support::{
 use tokio_tungstenite::tungstenite::Message;
 
 /// Rows the dashboard must have (case-insensitive prefixes of row titles).
-const ROWS: [&str; 7] = [
+const ROWS: [&str; 8] = [
     "traffic",
     "latency",
     "rooms",
@@ -34,6 +34,7 @@ const ROWS: [&str; 7] = [
     "red packets",
     "backplane",
     "process",
+    "moderation",
 ];
 
 /// The process collector's metrics the dashboard's Process row relies on.

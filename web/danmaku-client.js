@@ -1,5 +1,5 @@
 // danmaku-client.js — browser and Node (>= 20) client for the danmaku gateway's wire
-// protocol v1 (PROTOCOL.md). An ES module with no build step and no runtime
+// protocol v1.1 (PROTOCOL.md). An ES module with no build step and no runtime
 // dependencies; types are JSDoc (check with `tsc --allowJs --checkJs --noEmit`).
 //
 //   import { DanmakuClient } from '/danmaku-client.js';
@@ -14,7 +14,8 @@
 // What it does for you:
 // - `ref` management: every op carries a fresh `ref`; its reply (`ack`, `joined`, `pong`
 //   or `error`) settles the op's promise. An `error` rejects with a DanmakuError whose
-//   `code` is the protocol's error code (plus `retryAfterMs` for `rate_limited`).
+//   `code` is the protocol's error code, plus `retryAfterMs` whenever the server sends
+//   `retry_after_ms` (`rate_limited`, slow mode's included; a `muted` with an end).
 // - Reconnects with jittered exponential backoff. Close 1001 (node draining) and 4010
 //   (slow consumer, resync) reconnect at once. After every reconnect the rooms joined
 //   before are joined again with `history`, and history events already seen are not
@@ -24,6 +25,19 @@
 //   `pong` that does not come back in time as a dead socket (drop, reconnect).
 // - Ops issued while (re)connecting wait for the connection (up to `requestTimeoutMs`).
 // - JSON (text frames) or MessagePack (binary frames), chosen by `format`.
+//
+// Moderation (protocol v1.1):
+// - `chat`/`gift` may reject with `muted` (muted in the room, or the room's chat is
+//   closed; `retryAfterMs` when the mute has an end) or `filtered` (the text matched a
+//   blocked word; nothing was broadcast). Slow mode rejects with `rate_limited`.
+// - A `recall` event names an earlier event of the room (`target`, its `id`) to take
+//   off the screen; it is delivered like any event, from `history` too, where its
+//   target may be long gone. A recalled event arriving after its recall (a replayed
+//   history) is dropped.
+// - Close 4030 (banned): no reconnect. Status `banned`, a `banned` callback, pending
+//   and later ops reject with `banned`; only an explicit connect() tries again. A
+//   handshake refused with HTTP 403 counts the same where the WebSocket says so
+//   (Node's `ws`); browsers hide the status, so there the usual backoff applies.
 
 import { decode as msgpackDecode, encode as msgpackEncode } from './msgpack.js';
 
@@ -36,6 +50,7 @@ export const EVENT_TYPES = /** @type {const} */ ([
   'redpacket_done',
   'presence',
   'system',
+  'recall',
 ]);
 
 /** Close codes of PROTOCOL.md. */
@@ -46,6 +61,7 @@ export const CloseCode = Object.freeze({
   TOO_BIG: 1009,
   IDLE: 4000,
   SLOW_CONSUMER: 4010,
+  BANNED: 4030,
 });
 
 /**
@@ -61,8 +77,10 @@ export const CloseCode = Object.freeze({
  *   total_grabbed: number, expired: boolean }} RedpacketDoneEvent
  * @typedef {EventBase & { type: 'presence', online: number }} PresenceEvent
  * @typedef {EventBase & { type: 'system', text: string, data?: unknown }} SystemEvent
+ * @typedef {EventBase & { type: 'recall', target: string }} RecallEvent a moderator took
+ *   back the room's earlier event `target` (its `id`): take it off the screen
  * @typedef {ChatEvent | GiftEvent | RedpacketEvent | GrabEvent | RedpacketDoneEvent |
- *   PresenceEvent | SystemEvent} RoomEvent
+ *   PresenceEvent | SystemEvent | RecallEvent} RoomEvent
  *
  * @typedef {{ packet: string, user: User, total: number, shares: number,
  *   expires_at: number, remaining: number }} OpenPacket
@@ -78,7 +96,8 @@ export const CloseCode = Object.freeze({
  * @typedef {{ op: 'batch', room: string, events: RoomEvent[] }} BatchFrame
  * @typedef {HelloFrame | JoinedFrame | AckFrame | PongFrame | ErrorFrame | BatchFrame} ServerFrame
  *
- * @typedef {'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed'} Status
+ * @typedef {'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed' | 'banned'} Status
+ *   `closed` and `banned` (close 4030) are final until connect() is called again
  *
  * @typedef {object} StatusDetail
  * @property {number} [attempt] reconnect attempt (0 = first try after a drop)
@@ -109,10 +128,12 @@ export const CloseCode = Object.freeze({
  *   redpacket_done: [RedpacketDoneEvent, EventMeta],
  *   presence: [PresenceEvent, EventMeta],
  *   system: [SystemEvent, EventMeta],
+ *   recall: [RecallEvent, EventMeta],
  *   event: [RoomEvent, EventMeta],
  *   status: [Status, StatusDetail],
  *   open: [HelloFrame],
  *   close: [CloseInfo],
+ *   banned: [CloseInfo],
  *   joined: [JoinedFrame, JoinedMeta],
  *   online: [string, number],
  *   error: [DanmakuError],
@@ -144,9 +165,10 @@ export const CloseCode = Object.freeze({
 /** An op refused by the server (`code` is the protocol error code) or by the client. */
 export class DanmakuError extends Error {
   /**
-   * @param {string} code protocol code (`not_joined`, `rate_limited`, ...) or a client one:
-   *   `timeout`, `disconnected` (the socket went away before the reply), `closed`
-   *   (close() was called), `not_connected` (connect() was never called), `bad_frame`
+   * @param {string} code protocol code (`not_joined`, `rate_limited`, `muted`, `filtered`,
+   *   ...) or a client one: `timeout`, `disconnected` (the socket went away before the
+   *   reply), `closed` (close() was called), `banned` (closed with 4030), `not_connected`
+   *   (connect() was never called), `bad_frame`
    * @param {string} [message]
    * @param {{ retryAfterMs?: number, ref?: number, op?: string }} [extra]
    */
@@ -155,7 +177,8 @@ export class DanmakuError extends Error {
     this.name = 'DanmakuError';
     /** @type {string} */
     this.code = code;
-    /** @type {number | undefined} with `rate_limited`: when to try again */
+    /** @type {number | undefined} with `rate_limited` (slow mode too) and a `muted` that
+     * ends: when to try again */
     this.retryAfterMs = extra.retryAfterMs;
     /** @type {number | undefined} */
     this.ref = extra.ref;
@@ -164,7 +187,8 @@ export class DanmakuError extends Error {
   }
 }
 
-/** Event ids remembered per room for de-duplication of replayed history. */
+/** Event ids remembered per room for de-duplication of replayed history (and recalled
+ * ids, to drop a recalled event that a replayed history brings back). */
 const SEEN_PER_ROOM = 1000;
 const MAX_REF = 2 ** 31 - 1;
 const OPEN = 1;
@@ -219,6 +243,9 @@ export class DanmakuClient {
      * @private @type {Map<string, { online: number }>} */
     this._rooms = new Map();
     /** @private @type {Map<string, { set: Set<string>, order: string[] }>} */ this._seen = new Map();
+    /** Per room: recalled event id → the recall's `ts` (a recall only targets earlier events).
+     * @private @type {Map<string, Map<string, number>>} */
+    this._recalled = new Map();
     /** @private */ this._attempt = 0;
     /** @private */ this._closing = false;
     /** @private */ this._gen = 0;
@@ -241,10 +268,14 @@ export class DanmakuClient {
    * Subscribes to an event; returns a function that unsubscribes.
    *
    * - a room event type (`chat`, `gift`, `redpacket`, `grab`, `redpacket_done`,
-   *   `presence`, `system`): `(event, { room, history })`
+   *   `presence`, `system`, `recall`): `(event, { room, history })`; a `recall`'s
+   *   `target` is the `id` of the event to take off the screen (it may be one never
+   *   delivered, e.g. older than the history asked for)
    * - `event`: every room event, `(event, { room, history })`
-   * - `status`: `(status, detail)` — `connecting`, `open`, `reconnecting`, `closed`
+   * - `status`: `(status, detail)` — `connecting`, `open`, `reconnecting`, `closed`,
+   *   `banned`
    * - `open`: `(hello)` after every (re)connect; `close`: `({ code, reason })`
+   * - `banned`: `({ code, reason })` when the server closed with 4030 (no reconnect)
    * - `joined`: `(joinedFrame, { rejoin, resync })`, for joins and automatic re-joins
    * - `online`: `(room, count)` whenever a room's online count changes
    * - `error`: `(DanmakuError)` for errors no promise receives (an `error` frame
@@ -296,7 +327,7 @@ export class DanmakuClient {
   connect() {
     if (this.status === 'open' && this.hello) return Promise.resolve(this.hello);
     const opened = this._whenOpen(Infinity).then(() => /** @type {HelloFrame} */ (this.hello));
-    if (this.status === 'idle' || this.status === 'closed') {
+    if (this.status === 'idle' || this.status === 'closed' || this.status === 'banned') {
       this._closing = false;
       this._attempt = 0;
       const g = /** @type {any} */ (globalThis);
@@ -360,7 +391,7 @@ export class DanmakuClient {
     } catch (e) {
       if (this._closing || gen !== this._gen) return;
       this._emit('error', new DanmakuError('token', String(/** @type {any} */ (e)?.message ?? e)));
-      this._scheduleReconnect(0, 'token fetch failed');
+      this._retryAfterFailure('token fetch failed');
       return;
     }
     if (this._closing || gen !== this._gen || this.status !== 'connecting') return;
@@ -372,7 +403,7 @@ export class DanmakuClient {
       ws = new this._WS(url.toString());
     } catch (e) {
       this._emit('error', new DanmakuError('connect', String(/** @type {any} */ (e)?.message ?? e)));
-      this._scheduleReconnect(0, 'connect failed');
+      this._retryAfterFailure('connect failed');
       return;
     }
     this._ws = ws;
@@ -380,11 +411,18 @@ export class DanmakuClient {
     ws.onmessage = (/** @type {{ data: any }} */ e) => {
       if (ws === this._ws) this._onData(e.data);
     };
+    /** @type {string} */
+    let failure = '';
     ws.onclose = (/** @type {{ code: number, reason: string }} */ e) => {
-      if (ws === this._ws) this._onSocketGone(e.code, e.reason);
+      if (ws !== this._ws) return;
+      // A handshake refused with 403 is a banned user (the gateway's only 403 on /ws).
+      // Only Node's `ws` says so (`Unexpected server response: 403`); browsers hide it.
+      if (!this.hello && /\b403\b/.test(failure)) this._onSocketGone(CloseCode.BANNED, 'banned (HTTP 403)');
+      else this._onSocketGone(e.code, e.reason);
     };
-    ws.onerror = () => {
-      /* a close event follows */
+    ws.onerror = (/** @type {any} */ e) => {
+      // A close event follows.
+      failure = String(e?.message ?? e?.error?.message ?? '');
     };
     this._connectTimer = setTimeout(() => {
       if (ws === this._ws) this._drop(4000, 'no hello in time');
@@ -433,13 +471,24 @@ export class DanmakuClient {
     const wasOpen = this.status === 'open';
     this._emit('close', { code, reason });
     // Ops already on the wire will never be answered; queued ones wait for the next socket.
+    const lost = code === CloseCode.BANNED ? 'banned' : 'disconnected';
     for (const [ref, p] of this._pending) {
       if (!p.sent) continue;
       this._pending.delete(ref);
       clearTimeout(p.timer);
-      if (!p.internal) p.reject(new DanmakuError('disconnected', `connection closed (${code})`, { ref, op: p.op }));
+      if (!p.internal) p.reject(new DanmakuError(lost, `connection closed (${code})`, { ref, op: p.op }));
     }
     if (this._closing) return;
+    if (code === CloseCode.BANNED) {
+      // Reconnecting would only be refused (HTTP 403) until the ban ends: stop here.
+      // The rooms stay, re-joined should the app call connect() again.
+      this._reconnected = true;
+      const err = new DanmakuError('banned', reason || 'banned');
+      this._failAll(err, true);
+      this._setStatus('banned', { code, reason });
+      this._emit('banned', { code, reason });
+      return;
+    }
     if (!this._reconnect) {
       this._failAll(new DanmakuError('closed', `connection closed (${code})`), true);
       this._setStatus('closed', { code, reason });
@@ -452,6 +501,16 @@ export class DanmakuClient {
     } else {
       this._scheduleReconnect(this._backoff(), reason, code);
     }
+  }
+
+  /** An attempt that failed before a socket existed (token, constructor). @private @param {string} reason */
+  _retryAfterFailure(reason) {
+    if (!this._reconnect) {
+      this._failAll(new DanmakuError('closed', reason), true);
+      this._setStatus('closed', { reason });
+      return;
+    }
+    this._scheduleReconnect(this._backoff(), reason);
   }
 
   /** @private */
@@ -632,9 +691,28 @@ export class DanmakuClient {
       if (seen.order.length > SEEN_PER_ROOM) seen.set.delete(/** @type {string} */ (seen.order.shift()));
     }
     if (ev.type === 'presence') this._setOnline(room, ev.online);
+    if (ev.type === 'recall') {
+      this._noteRecall(room, ev);
+    } else if (ev.id !== undefined) {
+      // A recalled event coming (back) after its recall, e.g. from a replayed history.
+      const recallTs = this._recalled.get(room)?.get(ev.id);
+      if (recallTs !== undefined && !(ev.ts > recallTs)) return;
+    }
     const meta = { room, history };
     this._emit(ev.type, ev, meta);
     this._emit('event', ev, meta);
+  }
+
+  /** @private @param {string} room @param {RecallEvent} ev */
+  _noteRecall(room, ev) {
+    if (typeof ev.target !== 'string') return;
+    let recalled = this._recalled.get(room);
+    if (!recalled) this._recalled.set(room, (recalled = new Map()));
+    // Ids are unique per node only together with ts, so remember when: an event with the
+    // same id but a later ts (a restarted node) is a different one.
+    recalled.delete(ev.target);
+    recalled.set(ev.target, typeof ev.ts === 'number' ? ev.ts : Infinity);
+    if (recalled.size > SEEN_PER_ROOM) recalled.delete(/** @type {string} */ (recalled.keys().next().value));
   }
 
   /** @private @param {string} room @param {number} online */
@@ -750,6 +828,9 @@ export class DanmakuClient {
     if (this.status === 'closed') {
       return Promise.reject(new DanmakuError('closed', 'client closed', { op: frame.op }));
     }
+    if (this.status === 'banned') {
+      return Promise.reject(new DanmakuError('banned', 'banned (close 4030)', { op: frame.op }));
+    }
     return new Promise((resolve, reject) => {
       const ref = this._nextRef();
       /** @type {Pending & { frame?: Record<string, unknown> }} */
@@ -797,6 +878,7 @@ export class DanmakuClient {
   async leave(room) {
     const wasIn = this._rooms.delete(room);
     this._seen.delete(room);
+    this._recalled.delete(room);
     // Not connected: the next connection simply will not re-join it.
     if (wasIn && this.status !== 'open') return;
     return this._request({ op: 'leave', room });

@@ -1,4 +1,7 @@
-// The live demo page: danmaku over a "stream", chat, gifts with combos, red packets.
+// The live demo page: danmaku over a "stream", chat, gifts with combos, red packets,
+// and moderation: recalled comments vanish, muted/filtered/slow-mode refusals and a ban
+// are shown, and in dev mode a small moderator panel mutes, recalls, closes the chat and
+// sets slow mode through the gateway's /dev helpers.
 // URL parameters: room (default "demo"), token (a JWT; without one the page asks the
 // gateway for a dev token when [web] dev_tokens is on, else watches anonymously),
 // name (display name for the dev token), format (json | msgpack).
@@ -27,7 +30,7 @@ class DanmakuStage {
     this.gap = 24; // px between two comments of one lane
     /** @type {Array<{ t0: number, v: number, w: number } | undefined>} */
     this.lanes = [];
-    /** @type {Array<{ text: string, who?: string, cls: string[] }>} */
+    /** @type {Array<{ text: string, who?: string, cls: string[], id?: string }>} */
     this.queue = [];
     this.timer = 0;
     this.colors = 0;
@@ -36,15 +39,20 @@ class DanmakuStage {
     layer.appendChild(this.measure);
   }
 
-  /** @param {string} text @param {{ who?: string, self?: boolean, system?: boolean }} [opts] */
+  /**
+   * @param {string} text
+   * @param {{ who?: string, self?: boolean, system?: boolean, id?: string }} [opts] `id`:
+   *   the event's, so that a recall can take the comment off the stage
+   */
   add(text, opts = {}) {
     const cls = ['danmaku'];
     if (opts.self) cls.push('self');
     else if (opts.system) cls.push('system');
     else if (this.colors++ % 3 === 0) cls.push(`c${1 + Math.floor(Math.random() * 4)}`);
+    const item = { text, who: opts.who, cls, id: opts.id };
     // Your own comment goes first: you want to see it fly right away.
-    if (opts.self) this.queue.unshift({ text, who: opts.who, cls });
-    else this.queue.push({ text, who: opts.who, cls });
+    if (opts.self) this.queue.unshift(item);
+    else this.queue.push(item);
     // A flood cannot pile up forever: keep the newest (own comments first).
     while (this.queue.length > 80) {
       const i = this.queue.findIndex((q) => !q.cls.includes('self'));
@@ -94,6 +102,7 @@ class DanmakuStage {
       this.fill(el, item);
       el.style.top = `${this.topMargin + lane * this.laneHeight}px`;
       el.dataset.lane = String(lane);
+      if (item.id) el.dataset.id = item.id;
       this.layer.appendChild(el);
       const anim = el.animate(
         [{ transform: `translateX(${W}px)` }, { transform: `translateX(${-w - 4}px)` }],
@@ -101,6 +110,22 @@ class DanmakuStage {
       );
       anim.onfinish = () => el.remove();
     }
+  }
+
+  /**
+   * Takes a recalled comment off the stage, whether it is flying or still queued.
+   * @param {string} id @returns {boolean} whether there was one
+   */
+  remove(id) {
+    const before = this.queue.length;
+    this.queue = this.queue.filter((q) => q.id !== id);
+    let found = this.queue.length !== before;
+    for (const el of this.layer.querySelectorAll(`[data-id="${CSS.escape(id)}"]`)) {
+      for (const a of el.getAnimations()) a.cancel();
+      el.remove();
+      found = true;
+    }
+    return found;
   }
 
   /**
@@ -138,18 +163,64 @@ $('room-name').textContent = ROOM;
 $('stage-room').textContent = ROOM;
 document.title = `${ROOM} · Danmaku live demo`;
 
-/** @param {string} text @param {boolean} [bad] */
-function notice(text, bad = false) {
+/** @type {number | undefined} */
+let noticeTimer;
+/**
+ * The line under the controls. `code` (a refusal's error code) lands in `data-code`.
+ * @param {string} text @param {boolean} [bad] @param {string} [code]
+ */
+function notice(text, bad = false, code = '') {
+  clearInterval(noticeTimer);
   const el = $('notice');
   el.textContent = text;
   el.classList.toggle('bad', bad);
+  el.dataset.code = code;
 }
 
-/** @param {string} cls @param {string | null} who @param {string} text @param {boolean} [history] */
-function logLine(cls, who, text, history = false) {
+/** A duration for people: `4.2 s`, `3 min 20 s`, `2 h 5 min`. @param {number} ms */
+function human(ms) {
+  const s = Math.max(0, ms) / 1000;
+  if (s < 60) return `${s.toFixed(1)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min${s % 60 >= 1 ? ` ${Math.floor(s % 60)} s` : ''}`;
+  return `${Math.floor(s / 3600)} h${s % 3600 >= 60 ? ` ${Math.floor((s % 3600) / 60)} min` : ''}`;
+}
+
+/**
+ * Shows an op's refusal; one with a retry hint counts down, then clears itself.
+ * @param {any} err
+ */
+function refused(err) {
+  const code = err?.code ?? '';
+  if (code === 'banned') return; // the ban has its own display
+  const retry = err?.retryAfterMs;
+  if ((code === 'rate_limited' || code === 'muted') && typeof retry === 'number' && retry > 0) {
+    const until = Date.now() + retry;
+    const tick = () => {
+      const left = until - Date.now();
+      if (left <= 0) {
+        notice(code === 'muted' ? 'Your mute is over: you can chat again' : '', false);
+        return;
+      }
+      const el = $('notice');
+      el.textContent = describe(err, left);
+    };
+    notice(describe(err, retry), true, code);
+    noticeTimer = window.setInterval(tick, 200);
+  } else {
+    notice(describe(err), true, code);
+  }
+}
+
+/**
+ * A chat log line; `id` (the event's) lets a recall find it. Returns the line.
+ * @param {string} cls @param {string | null} who @param {string} text @param {boolean} [history]
+ * @param {string} [id]
+ */
+function logLine(cls, who, text, history = false, id) {
   const li = document.createElement('li');
   if (cls) li.className = cls;
   if (history) li.classList.add('history');
+  if (id) li.dataset.id = id;
   if (who) {
     const w = document.createElement('span');
     w.className = 'who';
@@ -160,13 +231,31 @@ function logLine(cls, who, text, history = false) {
   chatLog.appendChild(li);
   while (chatLog.children.length > 150) chatLog.firstElementChild?.remove();
   chatLog.scrollTop = chatLog.scrollHeight;
+  return li;
 }
 
-/** @param {any} err */
-function describe(err) {
+/**
+ * What to tell the user about a refused op; `leftMs` overrides the retry hint (countdowns).
+ * @param {any} err @param {number} [leftMs]
+ */
+function describe(err, leftMs) {
+  const wait = leftMs ?? err?.retryAfterMs;
   switch (err?.code) {
     case 'rate_limited':
-      return `Slow down: try again in ${((err.retryAfterMs ?? 1000) / 1000).toFixed(1)} s`;
+      // Slow mode says so in its message; the plain per-user limit does not.
+      return /slow/i.test(err.message ?? '')
+        ? `Slow mode is on: you can send again in ${human(wait ?? 1000)}`
+        : `Slow down: try again in ${human(wait ?? 1000)}`;
+    case 'muted':
+      // One code for both: the gateway's message says which.
+      if (/closed/i.test(err.message ?? '')) return 'The chat is closed in this room for now';
+      return typeof wait === 'number' && wait > 0
+        ? `You are muted in this room: you can chat again in ${human(wait)}`
+        : 'You are muted in this room';
+    case 'filtered':
+      return 'Not sent: your message contains a blocked word (nobody saw it)';
+    case 'banned':
+      return 'You have been banned';
     case 'unauthorized':
       return 'Read-only viewer: open the page with ?token=… to take part';
     case 'too_large':
@@ -199,6 +288,7 @@ function renderStatus(status, detail) {
   if (status === 'open') text.textContent = 'live';
   else if (status === 'connecting') text.textContent = 'connecting…';
   else if (status === 'closed') text.textContent = 'disconnected';
+  else if (status === 'banned') text.textContent = 'banned';
   else if (status === 'reconnecting') {
     const until = Date.now() + (detail?.delayMs ?? 0);
     const tick = () => {
@@ -373,6 +463,8 @@ if (!params.get('token')) {
   }
 }
 devRedpacket.hidden = !devMode;
+$('mod-panel').hidden = !devMode;
+chatLog.classList.toggle('moderated', devMode);
 
 const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
 const client = new DanmakuClient({ url: wsUrl, token, format: FORMAT });
@@ -402,8 +494,22 @@ client.on('error', (e) => notice(describe(e), true));
 
 client.on('chat', (ev, meta) => {
   const self = ev.user.id === myId;
-  logLine(self ? 'self' : '', ev.user.name, ev.text, meta.history);
-  if (!meta.history) stage.add(ev.text, { self });
+  const li = logLine(self ? 'self chat' : 'chat', ev.user.name, ev.text, meta.history, ev.id);
+  li.dataset.user = ev.user.id;
+  if (devMode) addModActions(li, ev.user, self);
+  if (!meta.history) stage.add(ev.text, { self, id: ev.id });
+});
+// A moderator took an event back: off the stage and out of the chat log, wherever it is.
+// A recall whose target is not shown (older than the history, or never seen) does nothing.
+client.on('recall', (ev, meta) => {
+  if (typeof ev.target !== 'string') return;
+  let found = stage.remove(ev.target);
+  for (const li of chatLog.querySelectorAll(`li[data-id="${CSS.escape(ev.target)}"]`)) {
+    if (li === lastGiftLine.li) lastGiftLine.li = null;
+    li.remove();
+    found = true;
+  }
+  if (found && !meta.history) logLine('sys recalled', null, 'A message was removed by a moderator');
 });
 /** The last gift line of the chat log, extended while the same user sends the same gift. */
 let lastGiftLine = { key: '', count: 0, at: 0, li: /** @type {Element | null} */ (null) };
@@ -416,13 +522,13 @@ client.on('gift', (ev, meta) => {
     line.at = now;
     /** @type {ChildNode} */ (line.li.lastChild).textContent = `sent ${GIFTS[ev.gift] ?? ev.gift} ×${line.count}`;
   } else {
-    logLine('gift', ev.user.name, `sent ${GIFTS[ev.gift] ?? ev.gift} ×${ev.count}`, meta.history);
-    lastGiftLine = { key, count: ev.count, at: now, li: chatLog.lastElementChild };
+    const li = logLine('gift', ev.user.name, `sent ${GIFTS[ev.gift] ?? ev.gift} ×${ev.count}`, meta.history, ev.id);
+    lastGiftLine = { key, count: ev.count, at: now, li };
   }
   if (!meta.history) giftToast(ev);
 });
 client.on('redpacket', (ev, meta) => {
-  logLine('rp', ev.user.name, `sent a red packet: ${money(ev.total)} in ${ev.shares} shares`, meta.history);
+  logLine('rp', ev.user.name, `sent a red packet: ${money(ev.total)} in ${ev.shares} shares`, meta.history, ev.id);
   if (!meta.history && ev.expires_at > Date.now()) showPacket(ev);
 });
 client.on('grab', (ev, meta) => {
@@ -430,7 +536,7 @@ client.on('grab', (ev, meta) => {
     packet.grabbed++;
     renderPacket();
   }
-  logLine('rp', ev.user.name, `grabbed ${money(ev.amount)}`, meta.history);
+  logLine('rp', ev.user.name, `grabbed ${money(ev.amount)}`, meta.history, ev.id);
 });
 client.on('redpacket_done', (ev) => {
   if (packet?.packet !== ev.packet) return;
@@ -447,8 +553,42 @@ client.on('redpacket_done', (ev) => {
   }, 8000);
 });
 client.on('system', (ev, meta) => {
-  logLine('sys', null, ev.text, meta.history);
-  if (!meta.history) stage.add(ev.text, { system: true });
+  logLine('sys', null, ev.text, meta.history, ev.id);
+  if (!meta.history) stage.add(ev.text, { system: true, id: ev.id });
+});
+
+// Banned (close 4030): the client does not reconnect; the page says so and stops.
+client.on('banned', showBanned);
+function showBanned() {
+  notice('You have been banned', true, 'banned');
+  $('banned-overlay').hidden = false;
+  chatInput.disabled = true;
+  chatSend.disabled = true;
+  chatInput.placeholder = 'You have been banned';
+  for (const b of giftButtons) b.disabled = true;
+  myId = null;
+  renderPacket();
+  logLine('sys', null, 'You have been banned: the connection was closed');
+}
+
+// A browser does not tell a page why a WebSocket handshake failed, so a signed-in user
+// (?token=) who comes back while banned would retry forever. When a connection attempt
+// fails, ask /ws over plain HTTP: the gateway checks the token (and the ban) before it
+// looks for an upgrade, and answers 403 {"code":"banned"}.
+client.on('status', async (status, detail) => {
+  const tok = params.get('token');
+  if (status !== 'reconnecting' || detail.code !== 1006 || !tok) return;
+  try {
+    const r = await fetch(`/ws?token=${encodeURIComponent(tok)}`, { cache: 'no-store' });
+    if (r.status !== 403) return;
+    const body = await r.json().catch(() => null);
+    if (body?.code !== 'banned' || client.status === 'open') return;
+    client.close();
+    renderStatus('banned', {});
+    showBanned();
+  } catch {
+    /* the gateway is away: keep retrying */
+  }
 });
 
 // Controls --------------------------------------------------------------------------------
@@ -461,7 +601,8 @@ $('chat-form').addEventListener('submit', async (e) => {
     chatInput.value = '';
     notice('');
   } catch (err) {
-    notice(describe(err), true);
+    // The text stays in the input: edit it (filtered) or send it again later.
+    refused(err);
   }
 });
 
@@ -472,7 +613,7 @@ for (const b of giftButtons) {
     try {
       await client.gift(ROOM, gift, 1);
     } catch (err) {
-      notice(describe(err), true);
+      refused(err);
     }
   });
 }
@@ -482,12 +623,202 @@ devRedpacket.addEventListener('click', async () => {
   if (!r.ok) notice(`Could not create a red packet (HTTP ${r.status})`, true);
 });
 
+// Moderator panel (dev mode) -------------------------------------------------------------
+// The gateway's /dev/mute, /dev/unmute, /dev/recall and /dev/settings act on the room
+// with the server's API token, which the page never sees; they exist only with
+// [web] dev_tokens = true (404 otherwise).
+
+/** Users this page muted: id → { name, timer }. */
+const mutedHere = new Map();
+const modStatus = $('mod-status');
+
+/**
+ * POSTs a dev helper; on failure shows why in the panel and returns null.
+ * @param {string} what for the message @param {string} path @param {Record<string, string>} query
+ * @returns {Promise<{ status: number, body: any } | null>}
+ */
+async function devPost(what, path, query) {
+  const url = `${path}?${new URLSearchParams({ room: ROOM, ...query })}`;
+  modStatus.classList.remove('bad');
+  try {
+    const r = await fetch(url, { method: 'POST', cache: 'no-store' });
+    const text = await r.text();
+    let body = null;
+    try {
+      body = text ? JSON.parse(text) : null;
+    } catch {
+      /* not JSON */
+    }
+    if (!r.ok) {
+      modStatus.textContent = `Could not ${what}: ${body?.message ?? body?.code ?? `HTTP ${r.status}`}`;
+      modStatus.classList.add('bad');
+      return null;
+    }
+    return { status: r.status, body };
+  } catch (e) {
+    modStatus.textContent = `Could not ${what}: ${/** @type {any} */ (e)?.message ?? e}`;
+    modStatus.classList.add('bad');
+    return null;
+  }
+}
+
+/** Mute / Recall buttons on a chat line. @param {HTMLElement} li @param {{ id: string, name: string }} user @param {boolean} self */
+function addModActions(li, user, self) {
+  const box = document.createElement('span');
+  box.className = 'mod-actions';
+  if (!self) {
+    const mute = document.createElement('button');
+    mute.type = 'button';
+    mute.className = 'mod-btn mod-mute';
+    mute.textContent = 'mute';
+    mute.title = `Mute ${user.name} in this room`;
+    box.appendChild(mute);
+  }
+  const recall = document.createElement('button');
+  recall.type = 'button';
+  recall.className = 'mod-btn mod-recall';
+  recall.textContent = 'recall';
+  recall.title = 'Remove this message for everyone';
+  box.appendChild(recall);
+  // First, so that the float sits at the right of the line's first row.
+  li.prepend(box);
+}
+
+chatLog.addEventListener('click', async (e) => {
+  const button = /** @type {HTMLElement} */ (e.target).closest?.('button.mod-btn');
+  const li = /** @type {HTMLElement | null} */ (button?.closest('li'));
+  if (!button || !li || !devMode) return;
+  const btn = /** @type {HTMLButtonElement} */ (button);
+  btn.disabled = true;
+  try {
+    if (btn.classList.contains('mod-recall') && li.dataset.id) {
+      // The recall event comes back in the room's batch and removes the line everywhere.
+      if (await devPost('recall the message', '/dev/recall', { id: li.dataset.id })) {
+        modStatus.textContent = 'Message recalled';
+      }
+    } else if (btn.classList.contains('mod-mute') && li.dataset.user) {
+      const name = li.querySelector('.who')?.textContent ?? li.dataset.user;
+      await muteUser(li.dataset.user, name);
+    }
+  } finally {
+    btn.disabled = false;
+  }
+});
+
+/** @param {string} userId @param {string} name */
+async function muteUser(userId, name) {
+  const duration = /** @type {HTMLSelectElement} */ ($('mod-mute-duration')).value;
+  /** @type {Record<string, string>} */
+  const query = { user: userId };
+  if (duration) query.duration_s = duration;
+  if (!(await devPost(`mute ${name}`, '/dev/mute', query))) return;
+  modStatus.textContent = duration ? `${name} is muted for ${human(Number(duration) * 1000)}` : `${name} is muted`;
+  clearTimeout(mutedHere.get(userId)?.timer);
+  const timer = duration ? window.setTimeout(() => forgetMute(userId), Number(duration) * 1000) : 0;
+  mutedHere.set(userId, { name, timer });
+  renderMuted();
+}
+
+/** @param {string} userId */
+function forgetMute(userId) {
+  clearTimeout(mutedHere.get(userId)?.timer);
+  mutedHere.delete(userId);
+  renderMuted();
+}
+
+function renderMuted() {
+  const list = $('mod-muted');
+  list.textContent = '';
+  for (const [userId, { name }] of mutedHere) {
+    const li = document.createElement('li');
+    li.dataset.user = userId;
+    const who = document.createElement('span');
+    who.className = 'who';
+    who.textContent = name;
+    const unmute = document.createElement('button');
+    unmute.type = 'button';
+    unmute.className = 'mod-btn mod-unmute';
+    unmute.textContent = 'unmute';
+    unmute.addEventListener('click', async () => {
+      unmute.disabled = true;
+      const r = await fetch(`/dev/unmute?${new URLSearchParams({ room: ROOM, user: userId })}`, { method: 'POST' }).catch(
+        () => null,
+      );
+      // 404: the mute had already ended; either way it is gone.
+      if (r && (r.ok || r.status === 404)) {
+        modStatus.classList.remove('bad');
+        modStatus.textContent = `${name} can chat again`;
+        forgetMute(userId);
+      } else {
+        modStatus.textContent = `Could not unmute ${name}${r ? ` (HTTP ${r.status})` : ''}`;
+        modStatus.classList.add('bad');
+        unmute.disabled = false;
+      }
+    });
+    li.append(who, unmute);
+    list.appendChild(li);
+  }
+  $('mod-muted-none').hidden = mutedHere.size > 0;
+}
+
+const chatToggle = /** @type {HTMLButtonElement} */ ($('mod-chat-toggle'));
+const slowInput = /** @type {HTMLInputElement} */ ($('mod-slow'));
+
+/** @param {{ chat?: string, slow_mode_s?: number } | null | undefined} settings */
+function renderSettings(settings) {
+  if (!settings) return;
+  if (settings.chat === 'open' || settings.chat === 'closed') {
+    chatToggle.dataset.chat = settings.chat;
+    chatToggle.textContent = settings.chat === 'open' ? 'Close chat' : 'Open chat';
+    $('mod-chat-state').textContent = settings.chat === 'open' ? 'Chat is open' : 'Chat is closed';
+  }
+  if (typeof settings.slow_mode_s === 'number' && document.activeElement !== slowInput) {
+    slowInput.value = String(settings.slow_mode_s);
+  }
+}
+
+chatToggle.addEventListener('click', async () => {
+  const next = chatToggle.dataset.chat === 'closed' ? 'open' : 'closed';
+  chatToggle.disabled = true;
+  const r = await devPost(next === 'closed' ? 'close the chat' : 'open the chat', '/dev/settings', { chat: next });
+  chatToggle.disabled = false;
+  if (r) {
+    renderSettings(r.body);
+    modStatus.textContent = next === 'closed' ? 'Chat closed for viewers' : 'Chat open again';
+  }
+});
+
+$('mod-slow-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const n = Math.max(0, Math.floor(Number(slowInput.value) || 0));
+  const r = await devPost('set slow mode', '/dev/settings', { slow_mode_s: String(n) });
+  if (r) {
+    renderSettings(r.body);
+    modStatus.textContent = n > 0 ? `Slow mode: one message per ${n} s` : 'Slow mode off';
+  }
+});
+
+if (devMode) {
+  renderMuted();
+  // The room's current settings.
+  fetch(`/dev/settings?${new URLSearchParams({ room: ROOM })}`, { cache: 'no-store' })
+    .then((r) => (r.ok ? r.json() : null))
+    .then(renderSettings)
+    .catch(() => {});
+}
+
 window.addEventListener('resize', () => stage.pump());
 
-await client.connect();
 try {
-  await client.join(ROOM, { history: 30 });
-  notice('');
-} catch (e) {
-  notice(`Could not join ${ROOM}: ${describe(e)}`, true);
+  await client.connect();
+} catch {
+  // Closed before the first hello (banned): already on screen.
+}
+if (client.status === 'open') {
+  try {
+    await client.join(ROOM, { history: 30 });
+    notice('');
+  } catch (e) {
+    if (client.status !== 'banned') notice(`Could not join ${ROOM}: ${describe(e)}`, true);
+  }
 }

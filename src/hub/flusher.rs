@@ -170,6 +170,9 @@ impl Hub {
             }
             let cap = self.0.cfg.history_len;
             for e in events.iter().filter(|e| e.body.in_history()) {
+                if let EventBody::Recall { target } = &e.body {
+                    st.recall(target);
+                }
                 if st.history.len() == cap {
                     st.history.pop_front();
                 }

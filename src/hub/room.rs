@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use tokio::time::Instant;
 
-use crate::protocol::{Event, RoomId};
+use crate::protocol::{Event, EventBody, RoomId};
 
 /// A room's state on this node.
 pub(super) struct Room {
@@ -93,8 +93,26 @@ impl RoomState {
         }
         // Stable: events of one millisecond keep the cluster's order, then this node's.
         merged.sort_by_key(|e| e.ts);
+        // A recall in the cluster's list takes back what it names, as it did live.
+        let recalled: std::collections::HashSet<&str> = merged
+            .iter()
+            .filter_map(|e| match &e.body {
+                EventBody::Recall { target } => Some(target.as_str()),
+                _ => None,
+            })
+            .collect();
+        if !recalled.is_empty() {
+            let recalled: std::collections::HashSet<String> =
+                recalled.into_iter().map(str::to_owned).collect();
+            merged.retain(|e| !recalled.contains(&e.id));
+        }
         let skip = merged.len().saturating_sub(cap);
         self.history = merged.into_iter().skip(skip).collect();
+    }
+
+    /// Takes the recalled event `target` out of the history (a moderator removed it).
+    pub(super) fn recall(&mut self, target: &str) {
+        self.history.retain(|e| e.id != target);
     }
 
     /// The last `n` history events, oldest first.

@@ -32,6 +32,7 @@ use tungstenite::Message;
 use crate::admission::Ticket;
 use crate::hub::{Conn, JoinError, Push, Written};
 use crate::metrics::{self, CloseReason};
+use crate::moderation::Verdict;
 use crate::protocol::{
     self, ClientOp, CloseCode, ErrorCode, Format, ProtoError, RoomId, ServerFrame, User,
 };
@@ -95,6 +96,12 @@ pub async fn run(mut ws: Socket, shared: Arc<Shared>, params: Params) {
         shared.cfg.limits.outbound_queue,
         ws.inline_sink(),
     );
+    // A ban closes every connection of the user (on every node): this one is found by
+    // the registration until the session ends.
+    let registration = params
+        .user
+        .as_ref()
+        .map(|u| shared.moderation.register(&u.id, &conn));
     let hot = metrics::hot();
     hot.connections.increment(1.0);
     hot.connections_opened.increment(1);
@@ -125,6 +132,7 @@ pub async fn run(mut ws: Socket, shared: Arc<Shared>, params: Params) {
     Box::pin(session.leave_all()).await;
     hot.connections.decrement(1.0);
     hot.closed(reason).increment(1);
+    drop(registration);
     drop(params.ticket);
 }
 
@@ -336,9 +344,26 @@ impl Session {
         Ok(Reply::Ack)
     }
 
+    /// A chat passes, in protocol order: `unauthorized`, `not_joined` ([`Self::writer`]),
+    /// `muted`, `rate_limited` (slow mode, then the user's budget), `filtered`.
     async fn chat(&mut self, room: RoomId, text: String) -> Result<Reply, ProtoError> {
         let user = self.writer(&room)?;
+        let moderation = &self.shared.moderation;
+        moderation.check_send(&room, &user.id)?;
+        moderation.check_slow_mode(&room, &user.id)?;
         self.limit(Action::Chat).await?;
+        let moderation = &self.shared.moderation;
+        moderation.note_chat(&room, &user.id);
+        let text = match moderation.filter(&text) {
+            Verdict::Pass => text,
+            Verdict::Masked(masked) => masked,
+            Verdict::Blocked => {
+                return Err(ProtoError::new(
+                    ErrorCode::Filtered,
+                    "the message contains a blocked word",
+                ));
+            }
+        };
         self.shared
             .hub
             .publish(&room, protocol::EventBody::Chat { user, text });
@@ -359,6 +384,7 @@ impl Session {
                 format!("gift {gift:?} is paid: it is sent by the backend after billing"),
             ));
         }
+        self.shared.moderation.check_send(&room, &user.id)?;
         self.limit(Action::Gift).await?;
         let gift = protocol::EventBody::Gift {
             user,

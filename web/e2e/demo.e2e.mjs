@@ -1,6 +1,8 @@
 // End-to-end test of the demo page in a real (headless) Chromium: two viewers on the
-// page served by the real gateway binary (dev tokens on). Exits non-zero on failure and
-// saves a screenshot to target/e2e/demo.png.
+// page served by the real gateway binary (dev tokens on): danmaku, gifts, red packets, a
+// restart, and moderation (recall, mute, closed chat, slow mode, filters, a ban) through
+// the page's dev moderator panel. Exits non-zero on failure and saves a screenshot to
+// target/e2e/demo.png.
 //
 //   node web/e2e/demo.e2e.mjs            (after cargo build; Chromium at /usr/bin/chromium)
 //   CHROMIUM=/path/to/chrome node web/e2e/demo.e2e.mjs
@@ -14,7 +16,7 @@ import { Gateway, REPO, signToken, sleep } from '../support/gateway.mjs';
 const ROOM = 'e2e-room';
 const OUT = path.join(REPO, 'target', 'e2e');
 const SCREENSHOT = path.join(OUT, 'demo.png');
-const TOTAL_TIMEOUT_MS = 120_000;
+const TOTAL_TIMEOUT_MS = 180_000;
 
 /** @type {Array<[string, () => Promise<void>]>} */
 const steps = [];
@@ -74,6 +76,7 @@ step('two viewers open the page, get dev tokens and see each other online', asyn
   await bob.waitForFunction(() => document.querySelector('#online')?.textContent === '2');
   assert.equal((await bob.textContent('#status-text'))?.trim(), 'live');
   assert.equal(await bob.isVisible('#dev-redpacket'), true, 'dev button shown in dev mode');
+  assert.equal(await bob.isVisible('#mod-panel'), true, 'moderator panel shown in dev mode');
 });
 
 step("a chat sent by one viewer scrolls across the other's stage", async () => {
@@ -204,6 +207,166 @@ step('after the gateway restarts, the page reconnects and gets live comments aga
     .waitFor({ state: 'attached', timeout: 5000 });
 });
 
+/** Sends a chat from `page` through its form. @param {import('playwright-core').Page} page @param {string} text */
+async function say(page, text) {
+  await page.fill('#chat-input', text);
+  await page.press('#chat-input', 'Enter');
+}
+
+/** The chat log lines of `page`, as text. @param {import('playwright-core').Page} page */
+const logTexts = (page) => page.$$eval('#chat-log li', (els) => els.map((e) => e.textContent ?? ''));
+
+/**
+ * Proves `text` never reached `page`: `marker`, sent by Alice after the refusal, is shown
+ * there, and the room's events arrive in order, so a broadcast `text` would be shown too.
+ * @param {import('playwright-core').Page} page @param {string} text @param {string} marker
+ */
+async function neverShown(page, text, marker) {
+  await say(alice, marker);
+  await page.locator('#chat-log li', { hasText: marker }).waitFor();
+  assert.ok(!(await logTexts(page)).some((t) => t.includes(text)), `"${text}" was broadcast`);
+  const flying = await page.$$eval('#danmaku-layer .danmaku', (els) => els.map((e) => e.textContent ?? ''));
+  assert.ok(!flying.some((t) => t.includes(text)), `"${text}" flies on the stage`);
+}
+
+/** Bob's user id (a dev token's `dev-…`). */
+const bobId = () => bob.evaluate(() => /** @type {string} */ (/** @type {any} */ (window).danmaku.user.id));
+
+step('recall: the moderator takes a chat back; it leaves both stages and chat lists', async () => {
+  await say(alice, 'Oops, wrong window');
+  const atBob = bob.locator('#chat-log li', { hasText: 'Oops, wrong window' });
+  await atBob.waitFor();
+  const id = await atBob.getAttribute('data-id');
+  assert.ok(id, 'the chat line carries its event id');
+  for (const page of [alice, bob]) {
+    await page.locator(`#chat-log li[data-id="${id}"]`).waitFor();
+    await page.locator(`#danmaku-layer .danmaku[data-id="${id}"]`).waitFor({ state: 'attached' });
+  }
+  await alice.click(`#chat-log li[data-id="${id}"] .mod-recall`);
+  for (const page of [alice, bob]) {
+    await page.waitForFunction((id) => !document.querySelector(`[data-id="${id}"]`), id, { timeout: 5000 });
+    assert.ok(!(await logTexts(page)).some((t) => t.includes('Oops, wrong window')));
+    await page.locator('#chat-log li.recalled').waitFor();
+  }
+  assert.match((await alice.textContent('#mod-status')) ?? '', /recalled/);
+  // A late joiner's history has no trace of it (the room dropped it; a recall whose
+  // target is gone is ignored by the page).
+  const carol = await openViewer('Carol');
+  try {
+    await carol.locator('#chat-log li', { hasText: 'Still here after the restart' }).waitFor();
+    assert.ok(!(await logTexts(carol)).some((t) => t.includes('Oops, wrong window')));
+  } finally {
+    await carol.context().close();
+  }
+});
+
+step('mute from the chat list: the muted viewer is told, nobody gets the chat; unmute', async () => {
+  const bid = await bobId();
+  await say(bob, 'Bob says hi');
+  const line = alice.locator(`#chat-log li[data-user="${bid}"]`, { hasText: 'Bob says hi' });
+  await line.waitFor();
+  assert.equal(await alice.locator('#chat-log li.self .mod-mute').count(), 0, 'no mute button on your own lines');
+  await line.locator('.mod-mute').click();
+  await alice.locator(`#mod-muted li[data-user="${bid}"]`, { hasText: 'Bob' }).waitFor();
+
+  await say(bob, 'Can anyone hear me?');
+  await bob.waitForSelector('#notice[data-code="muted"]');
+  assert.equal(await bob.textContent('#notice'), 'You are muted in this room');
+  assert.equal(await bob.inputValue('#chat-input'), 'Can anyone hear me?', 'the text stays for later');
+  await neverShown(alice, 'Can anyone hear me?', 'marker after the mute');
+  await neverShown(bob, 'Can anyone hear me?', 'marker after the mute, again');
+
+  await alice.click(`#mod-muted li[data-user="${bid}"] .mod-unmute`);
+  await alice.waitForFunction(() => document.querySelectorAll('#mod-muted li').length === 0);
+  await bob.press('#chat-input', 'Enter');
+  await alice.locator('#chat-log li', { hasText: 'Can anyone hear me?' }).waitFor();
+  assert.equal(await bob.textContent('#notice'), '', 'the notice clears on the next ack');
+});
+
+step('a timed mute says when it ends', async () => {
+  const bid = await bobId();
+  await alice.selectOption('#mod-mute-duration', '60');
+  await alice.locator(`#chat-log li[data-user="${bid}"] .mod-mute`).last().click();
+  await alice.locator(`#mod-muted li[data-user="${bid}"]`).waitFor();
+  await say(bob, 'still muted?');
+  await bob.waitForSelector('#notice[data-code="muted"]');
+  assert.match((await bob.textContent('#notice')) ?? '', /muted in this room: you can chat again in (5\d\.\d s|1 min)$/);
+  await alice.click(`#mod-muted li[data-user="${bid}"] .mod-unmute`);
+  await alice.waitForFunction(() => document.querySelectorAll('#mod-muted li').length === 0);
+  await alice.selectOption('#mod-mute-duration', '');
+});
+
+step('room settings from the panel: closed chat and slow mode refuse with a notice', async () => {
+  await alice.click('#mod-chat-toggle');
+  await alice.waitForSelector('#mod-chat-toggle[data-chat="closed"]');
+  assert.equal(await alice.textContent('#mod-chat-toggle'), 'Open chat');
+  await say(bob, 'is the chat closed?');
+  await bob.waitForSelector('#notice[data-code="muted"]');
+  assert.equal(await bob.textContent('#notice'), 'The chat is closed in this room for now');
+  await alice.click('#mod-chat-toggle');
+  await alice.waitForSelector('#mod-chat-toggle[data-chat="open"]');
+
+  await alice.fill('#mod-slow', '30');
+  await alice.press('#mod-slow', 'Enter');
+  await alice.waitForFunction(() => document.querySelector('#mod-status')?.textContent === 'Slow mode: one message per 30 s');
+  await say(bob, 'slow one');
+  await alice.locator('#chat-log li', { hasText: 'slow one' }).waitFor();
+  await say(bob, 'slow two');
+  await bob.waitForSelector('#notice[data-code="rate_limited"]');
+  assert.match((await bob.textContent('#notice')) ?? '', /^Slow mode is on: you can send again in \d+\.\d s$/);
+  await alice.fill('#mod-slow', '0');
+  await alice.press('#mod-slow', 'Enter');
+  await alice.waitForFunction(() => document.querySelector('#mod-status')?.textContent === 'Slow mode off');
+  await bob.press('#chat-input', 'Enter');
+  await alice.locator('#chat-log li', { hasText: 'slow two' }).waitFor();
+});
+
+step('word filters: a blocked word is refused and never shown; a masked one is starred', async () => {
+  const set = await gw.api('PUT', '/api/v1/filters', { block: ['spoiler'], mask: ['darn'] });
+  assert.equal(set.status, 200, JSON.stringify(set.body));
+  try {
+    await say(bob, 'huge SPOILER ahead');
+    await bob.waitForSelector('#notice[data-code="filtered"]');
+    assert.match((await bob.textContent('#notice')) ?? '', /blocked word/);
+    await neverShown(alice, 'SPOILER', 'marker after the filter');
+    await say(bob, 'darn it');
+    await alice.locator('#chat-log li', { hasText: '**** it' }).waitFor();
+  } finally {
+    await gw.api('PUT', '/api/v1/filters', { block: [], mask: [] });
+  }
+});
+
+step('ban: the banned viewer is told and the page stops; a banned ?token= page does not retry', async () => {
+  const bid = await bobId();
+  const ban = await gw.api('PUT', `/api/v1/bans/${bid}`, { reason: 'e2e' });
+  assert.equal(ban.status, 204, JSON.stringify(ban.body));
+  await bob.waitForSelector('#status[data-status="banned"]', { timeout: 5000 });
+  await bob.waitForSelector('#banned-overlay:not([hidden])');
+  assert.equal(await bob.textContent('#notice'), 'You have been banned');
+  assert.equal(await bob.isDisabled('#chat-input'), true);
+  await alice.waitForFunction(() => document.querySelector('#online')?.textContent === '1');
+  const n = await bob.evaluate(() => /** @type {any} */ (window).statuses.length);
+  await sleep(1500);
+  const after = await bob.evaluate((n) => /** @type {any} */ (window).statuses.slice(n), n);
+  assert.deepEqual(after, [], 'no reconnect after 4030');
+
+  // The same user opening the page again with a token: the handshake is refused (403),
+  // which the browser hides; the page asks /ws over HTTP, learns why, and stops.
+  const context = await browser.newContext({ viewport: { width: 1280, height: 760 } });
+  try {
+    const page = await context.newPage();
+    page.on('pageerror', (e) => pageErrors.push(`banned: ${e.message}`));
+    await page.goto(`${gw.httpUrl}/?room=${ROOM}&token=${signToken(bid, 'Bob')}`);
+    await page.waitForSelector('#banned-overlay:not([hidden])', { timeout: 10000 });
+    assert.equal(await page.textContent('#status-text'), 'banned');
+    const status = await page.evaluate(() => /** @type {any} */ (window).danmaku.status);
+    assert.equal(status, 'closed', 'the client was stopped');
+  } finally {
+    await context.close();
+    await gw.api('DELETE', `/api/v1/bans/${bid}`);
+  }
+});
+
 step('without dev tokens: anonymous and read-only, or signed in with ?token=', async () => {
   const plain = await Gateway.start();
   try {
@@ -216,6 +379,7 @@ step('without dev tokens: anonymous and read-only, or signed in with ?token=', a
     assert.equal(await page.isDisabled('#chat-input'), true);
     assert.equal(await page.isDisabled('.gift-btn[data-gift="rose"]'), true);
     assert.equal(await page.isVisible('#dev-redpacket'), false, 'no dev button');
+    assert.equal(await page.isVisible('#mod-panel'), false, 'no moderator panel');
     await page.waitForFunction(() => /** @type {any} */ (window).danmaku?.rooms.length === 1);
     await plain.api('POST', `/api/v1/rooms/${ROOM}/events`, {
       type: 'chat',

@@ -1,12 +1,13 @@
 // The client's connection logic against a scripted fake gateway (the `ws` package's
 // server), for the cases a real gateway cannot be made to produce on demand: a socket
-// that stops answering pings, a 4010 resync, refused connections, lost replies.
+// that stops answering pings, a 4010 resync, refused connections, lost replies, and the
+// moderation cases (recalls, a 4030 ban, muted/filtered refusals).
 
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { afterEach, test } from 'node:test';
 import WebSocket, { WebSocketServer } from 'ws';
-import { DanmakuClient } from '../danmaku-client.js';
+import { DanmakuClient, DanmakuError } from '../danmaku-client.js';
 import { freePort, waitFor } from '../support/gateway.mjs';
 
 /**
@@ -22,7 +23,18 @@ import { freePort, waitFor } from '../support/gateway.mjs';
  * @param {{ heartbeatMs?: number, script?: (frame: any, conn: FakeConn, srv: any) => boolean | void }} [opts]
  */
 async function fakeGateway(opts = {}) {
-  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  /** @type {any} */
+  let self;
+  const wss = new WebSocketServer({
+    host: '127.0.0.1',
+    port: 0,
+    // `srv.refuse = 403`: the handshake is answered with that HTTP status, no upgrade.
+    verifyClient: (_info, cb) => {
+      self.handshakes++;
+      if (self.refuse) cb(false, self.refuse, 'refused', { 'content-type': 'application/json' });
+      else cb(true);
+    },
+  });
   await new Promise((r) => wss.once('listening', r));
   const { port } = /** @type {net.AddressInfo} */ (wss.address());
   const srv = {
@@ -32,6 +44,9 @@ async function fakeGateway(opts = {}) {
     /** @type {any[]} */
     history: [],
     mutePings: false,
+    /** HTTP status to refuse handshakes with (0: accept) */
+    refuse: 0,
+    handshakes: 0,
     close: () => new Promise((r) => {
       for (const c of wss.clients) c.terminate();
       wss.close(r);
@@ -39,6 +54,7 @@ async function fakeGateway(opts = {}) {
     /** @param {FakeConn} conn @param {any} frame */
     send: (conn, frame) => conn.ws.send(JSON.stringify(frame)),
   };
+  self = srv;
   wss.on('connection', (ws, req) => {
     /** @type {FakeConn} */
     const conn = { ws, url: new URL(req.url ?? '/', 'http://x'), frames: [] };
@@ -245,4 +261,169 @@ test('without reconnect, a drop ends in closed', async () => {
   await c.connect();
   srv.conns[0].ws.close(1001, 'bye');
   await waitFor(() => c.status === 'closed', 'closed');
+});
+
+// ---------------------------------------------------------------------------------------
+// Moderation (protocol v1.1)
+
+const recall = (/** @type {string} */ id, /** @type {number} */ ts, /** @type {string} */ target) => ({ id, ts, type: 'recall', target });
+
+test('recall: delivered with its room (live and from history); a recalled event replayed later is dropped', async () => {
+  const srv = await fakeGateway();
+  // History may hold a recall whose target is gone: delivered all the same.
+  srv.history = [ev(1), recall('fake-r0', 1500, 'fake-0')];
+  const c = client(srv.url);
+  /** @type {any[]} */
+  const recalls = [];
+  c.on('recall', (e, meta) => recalls.push([e.target, meta]));
+  /** @type {string[]} */
+  const types = [];
+  c.on('event', (e) => types.push(e.type));
+  const chats = /** @type {any[]} */ ([]);
+  c.on('chat', (e) => chats.push([e.id, e.ts]));
+  await c.connect();
+  await c.join('r', { history: 10 });
+  assert.deepEqual(recalls, [['fake-0', { room: 'r', history: true }]]);
+
+  srv.send(srv.conns[0], { op: 'batch', room: 'r', events: [ev(2), recall('fake-r1', 2000, 'fake-2')] });
+  await waitFor(() => recalls.length === 2, 'the live recall');
+  assert.deepEqual(recalls[1], ['fake-2', { room: 'r', history: false }]);
+  assert.deepEqual(types, ['chat', 'recall', 'chat', 'recall'], "'event' sees recalls too");
+
+  // A recall of fake-5 before fake-5 itself was seen (e.g. history replayed by another
+  // node): the event, older than its recall, is dropped; an event reusing the id later
+  // (a restarted node numbers from 1 again) is a different one and comes through.
+  srv.send(srv.conns[0], {
+    op: 'batch',
+    room: 'r',
+    events: [recall('fake-r2', 2100, 'fake-5'), ev(5), { ...ev(5), ts: 5000 }, recall('fake-r2', 2100, 'fake-5')],
+  });
+  await waitFor(() => chats.length === 3, 'the new fake-5');
+  assert.deepEqual(chats, [
+    ['fake-1', 1001],
+    ['fake-2', 1002],
+    ['fake-5', 5000],
+  ]);
+  assert.equal(recalls.length, 3, 'a duplicate recall is delivered once');
+});
+
+test('close 4030: status banned, a banned callback, no reconnect; ops reject with banned', async () => {
+  const srv = await fakeGateway({
+    script: (frame) => frame.op === 'chat' && frame.text === 'unanswered',
+  });
+  const c = client(srv.url);
+  /** @type {any[]} */
+  const statuses = [];
+  c.on('status', (s, d) => statuses.push([s, d]));
+  /** @type {any[]} */
+  const banned = [];
+  c.on('banned', (info) => banned.push(info));
+  await c.connect();
+  await c.join('r');
+  const onTheWire = c.chat('r', 'unanswered');
+  await waitFor(() => srv.conns[0].frames.some((f) => f.text === 'unanswered'), 'the chat on the wire');
+  srv.conns[0].ws.close(4030, 'banned');
+  await assert.rejects(onTheWire, { code: 'banned', op: 'chat' });
+  await waitFor(() => c.status === 'banned', 'banned');
+  assert.deepEqual(banned, [{ code: 4030, reason: 'banned' }]);
+  assert.deepEqual(statuses.at(-1), ['banned', { code: 4030, reason: 'banned' }]);
+  assert.ok(!statuses.some(([s]) => s === 'reconnecting'), 'no reconnect scheduled');
+  await assert.rejects(c.chat('r', 'later'), { code: 'banned', op: 'chat' });
+  await new Promise((r) => setTimeout(r, 300)); // several backoff steps of this client
+  assert.equal(srv.handshakes, 1, 'no reconnect');
+  assert.equal(srv.conns.length, 1);
+
+  // The app may try again on purpose (the ban ended): the rooms are re-joined.
+  await c.connect();
+  assert.equal(c.status, 'open');
+  await waitFor(() => srv.conns[1]?.frames.some((f) => f.op === 'join' && f.room === 'r'), 're-join');
+});
+
+test('close 4030 without reconnect also ends in banned', async () => {
+  const srv = await fakeGateway();
+  const c = client(srv.url, { reconnect: false });
+  await c.connect();
+  srv.conns[0].ws.close(4030, 'banned');
+  await waitFor(() => c.status === 'banned', 'banned');
+});
+
+test('a handshake refused with HTTP 403 means banned (no retry loop); other refusals retry', async () => {
+  const srv = await fakeGateway();
+  srv.refuse = 503;
+  const c = client(srv.url);
+  /** @type {string[]} */
+  const statuses = [];
+  c.on('status', (s) => statuses.push(s));
+  const opened = c.connect();
+  await waitFor(() => srv.handshakes >= 3, 'retries after 503', 3000);
+  assert.ok(statuses.includes('reconnecting'));
+  srv.refuse = 403;
+  await assert.rejects(opened, { code: 'banned' });
+  assert.equal(c.status, 'banned');
+  const n = srv.handshakes;
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(srv.handshakes, n, 'no retry after 403');
+});
+
+test('muted, filtered and slow-mode refusals reject with their codes and retry hints', async () => {
+  const srv = await fakeGateway({
+    script: (frame, conn, s) => {
+      const answer = (/** @type {Record<string, unknown>} */ f) => {
+        s.send(conn, { op: 'error', ref: frame.ref, ...f });
+        return true;
+      };
+      if (frame.op === 'chat' && frame.text === 'muted for a while') {
+        return answer({ code: 'muted', message: 'muted in this room', retry_after_ms: 4500 });
+      }
+      if (frame.op === 'chat' && frame.text === 'chat closed') {
+        return answer({ code: 'muted', message: "the room's chat is closed" });
+      }
+      if (frame.op === 'chat' && frame.text === 'blocked word') {
+        return answer({ code: 'filtered', message: 'blocked word' });
+      }
+      if (frame.op === 'chat' && frame.text === 'too soon') {
+        return answer({ code: 'rate_limited', message: 'slow mode', retry_after_ms: 2500 });
+      }
+      if (frame.op === 'gift') return answer({ code: 'muted', message: 'muted in this room', retry_after_ms: 1000 });
+    },
+  });
+  const c = client(srv.url);
+  await c.connect();
+  await c.join('r');
+  const muted = await c.chat('r', 'muted for a while').catch((e) => e);
+  assert.ok(muted instanceof DanmakuError);
+  assert.equal(muted.code, 'muted');
+  assert.equal(muted.retryAfterMs, 4500);
+  assert.equal(muted.op, 'chat');
+  assert.match(muted.message, /^muted: muted in this room/);
+  const closed = await c.chat('r', 'chat closed').catch((e) => e);
+  assert.equal(closed.code, 'muted');
+  assert.equal(closed.retryAfterMs, undefined, 'no end: no retry hint');
+  await assert.rejects(c.chat('r', 'blocked word'), { code: 'filtered', op: 'chat', retryAfterMs: undefined });
+  await assert.rejects(c.chat('r', 'too soon'), { code: 'rate_limited', retryAfterMs: 2500 });
+  await assert.rejects(c.gift('r', 'rose'), { code: 'muted', op: 'gift', retryAfterMs: 1000 });
+  // Refusals do not touch the connection.
+  await c.chat('r', 'fine');
+  assert.equal(c.status, 'open');
+  assert.equal(srv.conns.length, 1);
+});
+
+test('a token function that keeps failing is retried with backoff, not in a tight loop', async () => {
+  const srv = await fakeGateway();
+  let calls = 0;
+  const c = client(srv.url, {
+    token: () => {
+      calls++;
+      return Promise.reject(new Error('login service down'));
+    },
+    reconnect: { initialDelayMs: 50, maxDelayMs: 200 },
+  });
+  /** @type {any[]} */
+  const errors = [];
+  c.on('error', (e) => errors.push(e.code));
+  c.connect().catch(() => {});
+  await new Promise((r) => setTimeout(r, 400));
+  assert.ok(calls >= 2 && calls <= 8, `token asked ${calls} times in 400 ms`);
+  assert.equal(errors[0], 'token');
+  assert.equal(srv.conns.length, 0);
 });

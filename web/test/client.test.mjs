@@ -295,3 +295,121 @@ test('reconnect: after the gateway restarts, rooms are re-joined and events flow
   await bob.chat(room, 'after the restart');
   await waitFor(() => chats.some(([e]) => e.text === 'after the restart'), 'live chat after reconnect');
 });
+
+// ---------------------------------------------------------------------------------------
+// Moderation (protocol v1.1), driven through the HTTP API
+
+test('recall: members get a recall event naming the chat; a late joiner never sees the chat', async () => {
+  const { room, a, b } = fresh('recall');
+  const alice = await connect(a);
+  const bob = await connect(b);
+  await alice.join(room);
+  await bob.join(room);
+  const chats = collect(bob, 'chat');
+  const recalls = collect(bob, 'recall');
+  await alice.chat(room, 'take me back');
+  await waitFor(() => chats.length === 1, 'the chat');
+  const target = chats[0][0].id;
+  const r = await gw.api('DELETE', `/api/v1/rooms/${room}/events/${encodeURIComponent(target)}`);
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  await waitFor(() => recalls.length === 1, 'the recall');
+  const [ev, meta] = recalls[0];
+  assert.equal(ev.type, 'recall');
+  assert.equal(ev.target, target);
+  assert.equal(ev.id, r.body.id);
+  assert.deepEqual(meta, { room, history: false });
+
+  const late = await connect(`${a}-late`);
+  const lateChats = collect(late, 'chat');
+  const joined = await late.join(room, { history: 20 });
+  assert.ok(!joined.history.some((e) => e.id === target), 'the recalled chat left the history');
+  assert.deepEqual(lateChats, []);
+});
+
+test('mute: chat and gift reject with muted (retryAfterMs when timed); others get nothing', async () => {
+  const { room, a, b } = fresh('mute');
+  const alice = await connect(a);
+  const bob = await connect(b);
+  await alice.join(room);
+  await bob.join(room);
+  const atAlice = collect(alice, 'chat');
+  let r = await gw.api('PUT', `/api/v1/rooms/${room}/mutes/${b}`, { duration_s: 60 });
+  assert.equal(r.status, 204, JSON.stringify(r.body));
+  const muted = await bob.chat(room, 'muted words').catch((e) => e);
+  assert.ok(muted instanceof DanmakuError);
+  assert.equal(muted.code, 'muted');
+  assert.equal(muted.op, 'chat');
+  assert.ok(muted.retryAfterMs > 50_000 && muted.retryAfterMs <= 60_000, `retryAfterMs ${muted.retryAfterMs}`);
+  await assert.rejects(bob.gift(room, 'rose'), { code: 'muted', op: 'gift' });
+  // Until lifted: no retry hint.
+  r = await gw.api('PUT', `/api/v1/rooms/${room}/mutes/${b}`, {});
+  assert.equal(r.status, 204);
+  await assert.rejects(bob.chat(room, 'still muted'), (/** @type {any} */ e) => e.code === 'muted' && e.retryAfterMs === undefined);
+  await alice.chat(room, 'marker');
+  await waitFor(() => atAlice.length === 1, 'the marker');
+  assert.deepEqual(atAlice.map(([e]) => e.text), ['marker'], 'the muted chats were not broadcast');
+  r = await gw.api('DELETE', `/api/v1/rooms/${room}/mutes/${b}`);
+  assert.equal(r.status, 204);
+  await bob.chat(room, 'free again');
+  await waitFor(() => atAlice.length === 2, 'the chat after unmute');
+});
+
+test('filtered: a blocked word rejects with filtered and is not broadcast', async () => {
+  const { room, a, b } = fresh('filter');
+  const alice = await connect(a);
+  const bob = await connect(b);
+  await alice.join(room);
+  await bob.join(room);
+  const atAlice = collect(alice, 'chat');
+  const set = await gw.api('PUT', '/api/v1/filters', { block: ['forbiddenword'], mask: [] });
+  assert.equal(set.status, 200, JSON.stringify(set.body));
+  try {
+    const err = await bob.chat(room, 'this has a ForbiddenWord in it').catch((e) => e);
+    assert.ok(err instanceof DanmakuError);
+    assert.equal(err.code, 'filtered');
+    assert.equal(err.retryAfterMs, undefined);
+    await alice.chat(room, 'marker');
+    await waitFor(() => atAlice.length === 1, 'the marker');
+    assert.deepEqual(atAlice.map(([e]) => e.text), ['marker']);
+  } finally {
+    await gw.api('PUT', '/api/v1/filters', { block: [], mask: [] });
+  }
+});
+
+test('slow mode: the second chat in the window is rate_limited with retryAfterMs', async () => {
+  const { room, a } = fresh('slow');
+  const c = await connect(a);
+  await c.join(room);
+  const r = await gw.api('PUT', `/api/v1/rooms/${room}/settings`, { slow_mode_s: 10 });
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  assert.equal(r.body.slow_mode_s, 10);
+  await c.chat(room, 'one');
+  const err = await c.chat(room, 'two').catch((e) => e);
+  assert.equal(err.code, 'rate_limited');
+  assert.ok(err.retryAfterMs > 5000 && err.retryAfterMs <= 10_000, `retryAfterMs ${err.retryAfterMs}`);
+});
+
+test('ban: close 4030, status banned, no reconnect; a new connection is refused (HTTP 403)', async () => {
+  const { room, a } = fresh('ban');
+  const c = await connect(a);
+  await c.join(room);
+  const statuses = collect(c, 'status');
+  const banned = collect(c, 'banned');
+  const r = await gw.api('PUT', `/api/v1/bans/${a}`, { duration_s: 600 });
+  assert.equal(r.status, 204, JSON.stringify(r.body));
+  await waitFor(() => c.status === 'banned', 'banned', 5000);
+  assert.equal(banned[0][0].code, 4030);
+  await new Promise((res) => setTimeout(res, 500));
+  assert.deepEqual(statuses.map(([s]) => s), ['banned'], 'no reconnect');
+  await assert.rejects(c.chat(room, 'hello?'), { code: 'banned' });
+
+  // Connecting again while banned: the handshake's 403 ends in `banned`, not a retry loop.
+  const again = new DanmakuClient({ url: gw.wsUrl, WebSocket, token: signToken(a, a), reconnect: { initialDelayMs: 50 } });
+  clients.push(again);
+  await assert.rejects(again.connect(), { code: 'banned' });
+  assert.equal(again.status, 'banned');
+  const un = await gw.api('DELETE', `/api/v1/bans/${a}`);
+  assert.equal(un.status, 204);
+  await again.connect();
+  assert.equal(again.status, 'open');
+});
