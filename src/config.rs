@@ -418,6 +418,12 @@ pub struct RoomConfig {
     pub presence_ms: u64,
     /// Events kept per room for `join` with `history`.
     pub history_len: usize,
+    /// Events kept per room for `join` with `since` (the recovery log, presence not
+    /// kept); 0 turns recovery off (every `since` answers `recovered: false`).
+    pub recovery_len: usize,
+    /// Bytes (as JSON) the recovery log of one room may hold; the oldest events go
+    /// first beyond it, so a room of large events keeps fewer than `recovery_len`.
+    pub recovery_max_bytes: usize,
     /// Members per room on this node; 0 = unlimited. Beyond → `room_full`.
     pub max_members: usize,
     /// Events a room buffers inside one window; beyond, droppable events are dropped.
@@ -449,6 +455,8 @@ impl Default for RoomConfig {
             batch_ms: 50,
             presence_ms: 1000,
             history_len: 100,
+            recovery_len: 1000,
+            recovery_max_bytes: 1 << 20,
             max_members: 0,
             max_pending: 10_000,
             idle_ttl_s: 300,
@@ -602,6 +610,16 @@ impl Config {
             self.room.history_len <= 10_000,
             "room.history_len",
             "must be at most 10000",
+        )?;
+        check(
+            self.room.recovery_len <= 100_000,
+            "room.recovery_len",
+            "must be at most 100000",
+        )?;
+        check(
+            self.room.recovery_max_bytes >= 65_536 && self.room.recovery_max_bytes <= 1 << 30,
+            "room.recovery_max_bytes",
+            "must be 65536 (one event) to 1073741824",
         )?;
         check(
             self.room.max_pending > 0,

@@ -52,6 +52,7 @@ pub const MODERATION_REFUSED: &str = "danmaku_moderation_refused_total";
 pub const MODERATION_FILTERED: &str = "danmaku_moderation_filtered_total";
 pub const MODERATION_ACTIVE_BANS: &str = "danmaku_moderation_active_bans";
 pub const MODERATION_ACTIVE_MUTES: &str = "danmaku_moderation_active_mutes";
+pub const RECOVERIES: &str = "danmaku_recoveries_total";
 
 /// Every `action` of [`MODERATION_ACTIONS`].
 pub const MODERATION_ACTION_LABELS: [&str; 7] = [
@@ -128,6 +129,12 @@ impl Hot {
 /// Counts one broadcast event of `kind` (a low-cardinality event type).
 pub fn event(kind: &'static str) {
     counter!(EVENTS, "type" => kind).increment(1);
+}
+
+/// Counts a `join` with `since` by whether it recovered everything after it.
+pub fn recovery(recovered: bool) {
+    let result = if recovered { "recovered" } else { "missed" };
+    counter!(RECOVERIES, "result" => result).increment(1);
 }
 
 /// Counts an action refused by a rate limit.
@@ -289,6 +296,9 @@ fn preregister() {
     }
     gauge!(MODERATION_ACTIVE_BANS).set(0.0);
     gauge!(MODERATION_ACTIVE_MUTES).set(0.0);
+    for result in ["recovered", "missed"] {
+        counter!(RECOVERIES, "result" => result).increment(0);
+    }
     counter!(REDPACKET_GRABS, "outcome" => "ok").increment(0);
     for code in ErrorCode::ALL {
         counter!(REDPACKET_GRABS, "outcome" => code.as_str()).increment(0);
@@ -398,6 +408,10 @@ fn describe() {
     describe_gauge!(
         MODERATION_ACTIVE_MUTES,
         "Room mutes in force (cluster-wide state as this node knows it)."
+    );
+    describe_counter!(
+        RECOVERIES,
+        "Joins with `since`, by result: recovered (everything after it answered) or missed (recovered: false)."
     );
     describe_counter!(REDPACKET_GRABS, "Red-packet grab attempts, by outcome.");
     describe_histogram!(

@@ -293,6 +293,8 @@ pub enum ClientOp {
     Join {
         room: RoomId,
         history: usize,
+        /// The last event the client received in the room (v1.1 recovery).
+        since: Option<String>,
     },
     Leave {
         room: RoomId,
@@ -326,6 +328,8 @@ enum RawOp {
         room: String,
         #[serde(default)]
         history: Option<u32>,
+        #[serde(default)]
+        since: Option<String>,
         #[serde(rename = "ref", default)]
         reference: Option<i64>,
     },
@@ -369,6 +373,8 @@ struct RefOnly {
 
 /// Largest `history` a join may ask for.
 pub const MAX_HISTORY: u32 = 100;
+/// Longest `since` a join may name: event ids are far shorter (node id, start, count).
+pub const MAX_SINCE_BYTES: usize = 128;
 
 /// Decodes one inbound data frame (`text` = JSON, binary = MessagePack).
 ///
@@ -398,6 +404,7 @@ pub fn decode(
         RawOp::Join {
             room,
             history,
+            since,
             reference,
         } => {
             let history = history.unwrap_or(0);
@@ -407,12 +414,22 @@ pub fn decode(
                     ProtoError::bad_request("history: must be 0..=100"),
                 ));
             }
+            if since
+                .as_ref()
+                .is_some_and(|s| s.is_empty() || s.len() > MAX_SINCE_BYTES)
+            {
+                return Err((
+                    reference,
+                    ProtoError::bad_request(format!("since: must be 1-{MAX_SINCE_BYTES} bytes")),
+                ));
+            }
             let room = RoomId::parse(&room).map_err(|e| (reference, e))?;
             (
                 reference,
                 ClientOp::Join {
                     room,
                     history: history as usize,
+                    since,
                 },
             )
         }
@@ -614,6 +631,9 @@ pub enum ServerFrame<'a> {
         online: u64,
         history: &'a [Arc<Event>],
         redpackets: &'a [OpenPacket],
+        /// Present when the join named `since` (v1.1 recovery).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<i64>,
     },
@@ -686,7 +706,17 @@ mod tests {
             f.op,
             ClientOp::Join {
                 room: RoomId::parse("r1").unwrap(),
-                history: 5
+                history: 5,
+                since: None,
+            }
+        );
+        let f = json(r#"{"op":"join","room":"r1","since":"n-1-7"}"#).unwrap();
+        assert_eq!(
+            f.op,
+            ClientOp::Join {
+                room: RoomId::parse("r1").unwrap(),
+                history: 0,
+                since: Some("n-1-7".into()),
             }
         );
         let f = json(r#"{"op":"ping"}"#).unwrap();
@@ -703,6 +733,13 @@ mod tests {
         assert_eq!((r, e.code), (None, ErrorCode::BadRequest));
         let (_, e) = json(r#"{"op":"join","room":"r","history":101}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
+        let (r, e) = json(r#"{"op":"join","room":"r","since":"","ref":5}"#).unwrap_err();
+        assert_eq!((r, e.code), (Some(5), ErrorCode::BadRequest));
+        let long = format!(
+            r#"{{"op":"join","room":"r","since":"{}"}}"#,
+            "x".repeat(129)
+        );
+        assert_eq!(json(&long).unwrap_err().1.code, ErrorCode::BadRequest);
         let (_, e) = json(r#"{"op":"chat","room":7,"text":"x"}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
     }

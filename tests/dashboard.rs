@@ -26,7 +26,7 @@ use support::{
 use tokio_tungstenite::tungstenite::Message;
 
 /// Rows the dashboard must have (case-insensitive prefixes of row titles).
-const ROWS: [&str; 8] = [
+const ROWS: [&str; 9] = [
     "traffic",
     "latency",
     "rooms",
@@ -35,6 +35,7 @@ const ROWS: [&str; 8] = [
     "backplane",
     "process",
     "moderation",
+    "recovery",
 ];
 
 /// The process collector's metrics the dashboard's Process row relies on.

@@ -168,17 +168,8 @@ impl Hub {
             if !local.is_empty() {
                 self.0.backplane.publish(&room.id, &local);
             }
-            let cap = self.0.cfg.history_len;
             for e in events.iter().filter(|e| e.body.in_history()) {
-                if let EventBody::Recall { target } = &e.body {
-                    st.recall(target);
-                }
-                if st.history.len() == cap {
-                    st.history.pop_front();
-                }
-                if cap > 0 {
-                    st.history.push_back(Arc::clone(e));
-                }
+                st.log.push(Arc::clone(e));
             }
             if !events.is_empty() {
                 st.flushed += 1;

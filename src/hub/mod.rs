@@ -29,7 +29,7 @@
 //!   `joined.history` or in the member's first `batch`, never in both and never in
 //!   neither.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,13 +48,16 @@ use crate::protocol::{Event, EventBody, RoomId, now_ms};
 
 mod conn;
 mod flusher;
+mod log;
 mod room;
 mod shard;
 pub mod window;
 
 pub use conn::{Conn, ConnId, Push, Written};
+pub use log::Recovery;
 pub use window::Batch;
 
+use log::{EventLog, LogBounds};
 use room::{Room, RoomState, chat_weight};
 use shard::{ShardCmd, shard_loop};
 
@@ -74,6 +77,8 @@ pub enum JoinError {
 pub struct Joined {
     pub online: u64,
     pub history: Vec<Arc<Event>>,
+    /// With `since`: whether `history` is everything that followed it.
+    pub recovered: Option<bool>,
 }
 
 /// Handle to the hub; cheap to clone.
@@ -83,6 +88,8 @@ pub struct Hub(Arc<Inner>);
 struct Inner {
     node: Arc<str>,
     cfg: RoomConfig,
+    /// Each room's event log bounds.
+    log_bounds: LogBounds,
     /// `limits.max_out_frame_bytes`: windows are cut into frames within it.
     max_frame: usize,
     rooms: DashMap<RoomId, Arc<Room>>,
@@ -117,9 +124,23 @@ impl Hub {
             inboxes.push(rx);
         }
         let id_prefix = format!("{node}-{:x}", now_ms()).into();
+        let log_bounds = LogBounds {
+            history_len: cfg.history_len,
+            // A node's log holds what *it* delivered, in its order. In a cluster a client
+            // reconnecting here may have been served by another node, in another order,
+            // so this log cannot prove such a client missed nothing: recovery there
+            // needs the cluster's log, and until then every `since` answers false.
+            recovery_len: if backplane.kind() == crate::backplane::Local.kind() {
+                cfg.recovery_len
+            } else {
+                0
+            },
+            max_bytes: cfg.recovery_max_bytes,
+        };
         let hub = Hub(Arc::new(Inner {
             node,
             cfg,
+            log_bounds,
             max_frame,
             rooms: DashMap::new(),
             shards: senders.into(),
@@ -166,7 +187,7 @@ impl Hub {
                 state: Mutex::new(RoomState {
                     pending: Vec::new(),
                     local: Vec::new(),
-                    history: VecDeque::new(),
+                    log: EventLog::new(self.0.log_bounds),
                     dirty: false,
                     next_flush: None,
                     window_started: None,
@@ -187,6 +208,7 @@ impl Hub {
     }
 
     /// Adds `conn` to `room`; once this returns, every later batch of the room reaches it.
+    /// The answer holds the last `history` events, or with `since` what followed it.
     ///
     /// # Errors
     /// [`JoinError::RoomFull`] past `room.max_members` local members;
@@ -196,7 +218,9 @@ impl Hub {
         room: &RoomId,
         conn: &Arc<Conn>,
         history: usize,
+        since: Option<String>,
     ) -> Result<Joined, JoinError> {
+        let asked = since.is_some();
         let shard = self.shard_of(conn.id);
         let (r, first) = {
             // The entry guard makes "create or find, then count" atomic against the
@@ -222,10 +246,7 @@ impl Hub {
                 bp.online_elsewhere(room)
             );
             if !earlier.is_empty() {
-                r.state
-                    .lock()
-                    .expect("room lock")
-                    .seed_history(earlier, self.0.cfg.history_len);
+                r.state.lock().expect("room lock").seed_history(earlier);
             }
             remote
         } else {
@@ -237,11 +258,12 @@ impl Hub {
                 room: Arc::clone(&r),
                 conn: Arc::clone(conn),
                 history,
+                since,
                 done,
             })
             .await;
-        let history = match (sent, registered.await) {
-            (Ok(()), Ok(history)) => history,
+        let answer = match (sent, registered.await) {
+            (Ok(()), Ok(answer)) => answer,
             _ => {
                 self.forget_member(&r, shard);
                 return Err(JoinError::ShuttingDown);
@@ -249,9 +271,13 @@ impl Hub {
         };
         metrics::hot().room_members.increment(1.0);
         r.state.lock().expect("room lock").last_active = Instant::now();
+        if asked {
+            metrics::recovery(answer.recovered);
+        }
         Ok(Joined {
             online: r.online.load(Ordering::Acquire) + remote,
-            history,
+            history: answer.events,
+            recovered: asked.then_some(answer.recovered),
         })
     }
 
@@ -285,7 +311,21 @@ impl Hub {
             return Vec::new();
         };
         let st = r.state.lock().expect("room lock");
-        st.recent(n)
+        st.log.recent(n)
+    }
+
+    /// What followed `since` in `room`, for a member joining again: like a join's answer,
+    /// but the member already receives the room's batches.
+    pub fn recover(&self, room: &RoomId, since: &str, n: usize) -> Recovery {
+        let answer = match self.0.rooms.get(room).map(|r| Arc::clone(&r)) {
+            Some(r) => r.state.lock().expect("room lock").log.since(since, n),
+            None => Recovery {
+                events: Vec::new(),
+                recovered: false,
+            },
+        };
+        metrics::recovery(answer.recovered);
+        answer
     }
 
     /// Local members of `room` on this node.
@@ -542,13 +582,14 @@ mod tests {
             let mut st = r.state.lock().unwrap();
             let e = Arc::new(st.pending.remove(0));
             st.local.remove(0);
-            st.history.push_back(e);
+            st.log.push(e);
         }
         hub.inject(&room, vec![system("pending", 3)]);
         let earlier = vec![system("older", 0), system("old", 1), system("pending", 3)];
-        r.state.lock().unwrap().seed_history(earlier, 10);
-        let ids =
-            |st: &RoomState| -> Vec<String> { st.history.iter().map(|e| e.id.clone()).collect() };
+        r.state.lock().unwrap().seed_history(earlier);
+        let ids = |st: &RoomState| -> Vec<String> {
+            st.log.recent(100).iter().map(|e| e.id.clone()).collect()
+        };
         assert_eq!(ids(&r.state.lock().unwrap()), ["older", "old"]);
         // "older" arriving live again (the subscription raced the read) is dropped.
         hub.inject(&room, vec![system("older", 0), system("new", 4)]);
@@ -570,7 +611,7 @@ mod tests {
         let st = r.state.lock().unwrap();
         (
             st.flushed,
-            st.history.iter().map(|e| e.id.clone()).collect(),
+            st.log.recent(100).iter().map(|e| e.id.clone()).collect(),
         )
     }
 

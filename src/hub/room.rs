@@ -1,14 +1,15 @@
-//! A room's state on this node: its current window, budgets, history, and where its
-//! members are. Publishing locks one room's state for a push; nothing is awaited under
+//! A room's state on this node: its current window, budgets, event log (history and
+//! recovery, [`super::log`]), and where its members are. Publishing locks one room's state for a push; nothing is awaited under
 //! the lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use tokio::time::Instant;
 
+use super::log::EventLog;
 use crate::protocol::{Event, EventBody, RoomId};
 
 /// A room's state on this node.
@@ -29,8 +30,8 @@ pub(super) struct RoomState {
     /// Per pending event: whether it originated on this node (and so is published to
     /// the backplane) or arrived from another node.
     pub(super) local: Vec<bool>,
-    /// Recent non-presence events, oldest first, at most `history_len`.
-    pub(super) history: VecDeque<Arc<Event>>,
+    /// Recent non-presence events, oldest first: the history and the recovery log.
+    pub(super) log: EventLog,
     /// Whether the current window holds events not yet flushed: the room is then on its
     /// flusher's timer queue (`next_flush` set) or on its urgent list (not set).
     pub(super) dirty: bool,
@@ -69,14 +70,14 @@ pub(super) struct RoomState {
 
 impl RoomState {
     /// Merges the room's history as the cluster kept it (`earlier`, oldest first) into
-    /// what this node holds: each event once (by id), in time order, the newest `cap`.
-    pub(super) fn seed_history(&mut self, earlier: Vec<Event>, cap: usize) {
-        let mut merged: Vec<Arc<Event>> = Vec::with_capacity(earlier.len() + self.history.len());
-        // Events already waiting in this window go out (and into history) with it.
+    /// what this node holds: each event once (by id), in time order, within the log's
+    /// bounds.
+    pub(super) fn seed_history(&mut self, earlier: Vec<Event>) {
+        // Events already waiting in this window go out (and into the log) with it.
         let mut seen: std::collections::HashSet<String> =
             self.pending.iter().map(|e| e.id.clone()).collect();
-        let local: std::collections::HashSet<String> =
-            self.history.iter().map(|e| e.id.clone()).collect();
+        let local = self.log.ids();
+        let mut merged: Vec<Arc<Event>> = Vec::with_capacity(earlier.len() + local.len());
         self.seeded.clear();
         for e in earlier {
             if seen.insert(e.id.clone()) {
@@ -86,7 +87,7 @@ impl RoomState {
                 merged.push(Arc::new(e));
             }
         }
-        for e in self.history.drain(..) {
+        for e in self.log.drain() {
             if seen.insert(e.id.clone()) {
                 merged.push(e);
             }
@@ -94,31 +95,17 @@ impl RoomState {
         // Stable: events of one millisecond keep the cluster's order, then this node's.
         merged.sort_by_key(|e| e.ts);
         // A recall in the cluster's list takes back what it names, as it did live.
-        let recalled: std::collections::HashSet<&str> = merged
+        let recalled: std::collections::HashSet<String> = merged
             .iter()
             .filter_map(|e| match &e.body {
-                EventBody::Recall { target } => Some(target.as_str()),
+                EventBody::Recall { target } => Some(target.clone()),
                 _ => None,
             })
             .collect();
         if !recalled.is_empty() {
-            let recalled: std::collections::HashSet<String> =
-                recalled.into_iter().map(str::to_owned).collect();
             merged.retain(|e| !recalled.contains(&e.id));
         }
-        let skip = merged.len().saturating_sub(cap);
-        self.history = merged.into_iter().skip(skip).collect();
-    }
-
-    /// Takes the recalled event `target` out of the history (a moderator removed it).
-    pub(super) fn recall(&mut self, target: &str) {
-        self.history.retain(|e| e.id != target);
-    }
-
-    /// The last `n` history events, oldest first.
-    pub(super) fn recent(&self, n: usize) -> Vec<Arc<Event>> {
-        let skip = self.history.len().saturating_sub(n);
-        self.history.iter().skip(skip).cloned().collect()
+        self.log.replace(merged);
     }
 }
 

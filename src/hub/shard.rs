@@ -11,18 +11,21 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{Conn, ConnId, Push};
+use super::log::Recovery;
 use super::room::Room;
 use super::window::Batch;
 use crate::metrics;
-use crate::protocol::{Event, RoomId};
+use crate::protocol::RoomId;
 
 pub(super) enum ShardCmd {
-    /// Registers `conn` and answers the last `history` events of the room.
+    /// Registers `conn` and answers the last `history` events of the room, or with
+    /// `since` what followed that event ([`Recovery`]).
     Join {
         room: Arc<Room>,
         conn: Arc<Conn>,
         history: usize,
-        done: oneshot::Sender<Vec<Arc<Event>>>,
+        since: Option<String>,
+        done: oneshot::Sender<Recovery>,
     },
     Leave {
         room: RoomId,
@@ -47,13 +50,22 @@ pub(super) async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: Cancell
                 room,
                 conn,
                 history,
+                since,
                 done,
             } => {
-                // Under the room lock, so no batch is flushed between reading the history
-                // and noting how far it goes.
+                // Under the room lock, so no batch is flushed between reading the log
+                // and noting how far it goes: what the answer holds is not sent again,
+                // what it lacks comes in the member's next batches.
                 let (recent, seq) = {
                     let st = room.state.lock().expect("room lock");
-                    (st.recent(history), st.flushed)
+                    let answer = match &since {
+                        Some(since) => st.log.since(since, history),
+                        None => Recovery {
+                            events: st.log.recent(history),
+                            recovered: false,
+                        },
+                    };
+                    (answer, st.flushed)
                 };
                 rooms
                     .entry(room.id.clone())

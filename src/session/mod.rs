@@ -157,7 +157,7 @@ impl Session {
         };
         if let Some(room) = room {
             // Boxed: runs once; inline, its state would sit in every idle task.
-            let reply = Box::pin(out.pump(ws, Box::pin(self.join(room, 0)))).await?;
+            let reply = Box::pin(out.pump(ws, Box::pin(self.join(room, 0, None)))).await?;
             Box::pin(self.reply(ws, reply, None)).await?;
         }
 
@@ -284,7 +284,11 @@ impl Session {
 
     async fn dispatch(&mut self, op: ClientOp) -> Result<Reply, ProtoError> {
         match op {
-            ClientOp::Join { room, history } => self.join(room, history).await,
+            ClientOp::Join {
+                room,
+                history,
+                since,
+            } => self.join(room, history, since).await,
             ClientOp::Leave { room } => self.leave(room).await,
             ClientOp::Chat { room, text } => self.chat(room, text).await,
             ClientOp::Gift { room, gift, count } => self.gift(room, gift, count).await,
@@ -293,14 +297,28 @@ impl Session {
         }
     }
 
-    async fn join(&mut self, room: RoomId, history: usize) -> Result<Reply, ProtoError> {
+    async fn join(
+        &mut self,
+        room: RoomId,
+        history: usize,
+        since: Option<String>,
+    ) -> Result<Reply, ProtoError> {
         self.limit(Action::Join).await?;
         let hub = &self.shared.hub;
         if self.rooms.contains(&room) {
             // Joining again answers `joined` and changes nothing.
+            let (events, recovered) = match since {
+                Some(since) => {
+                    let answer = hub.recover(&room, &since, history);
+                    (answer.events, Some(answer.recovered))
+                }
+                None => (hub.history(&room, history), None),
+            };
             return Ok(Reply::Joined {
                 online: hub.online(&room),
-                history: hub.history(&room, history),
+                history: events,
+                recovered,
+                asked: history,
                 redpackets: self.open_packets(&room).await,
                 room,
             });
@@ -317,7 +335,7 @@ impl Session {
         // Read before joining: once the hub has registered us, the room's batches may be
         // written, and nothing may wait between that and the `joined` reply.
         let redpackets = self.open_packets(&room).await;
-        match hub.join(&room, &self.conn, history).await {
+        match hub.join(&room, &self.conn, history, since).await {
             Ok(joined) => {
                 self.rooms.push(room.clone());
                 Ok(Reply::Joined {
@@ -325,6 +343,8 @@ impl Session {
                     room,
                     online: joined.online,
                     history: joined.history,
+                    recovered: joined.recovered,
+                    asked: history,
                 })
             }
             Err(JoinError::RoomFull) => Err(ProtoError::new(ErrorCode::RoomFull, "room is full")),
@@ -463,12 +483,18 @@ impl Session {
                 room,
                 online,
                 history,
+                recovered,
+                asked,
                 redpackets,
             }) => joined_within(
-                &room,
-                online,
-                &history,
-                &redpackets,
+                &JoinedParts {
+                    room: &room,
+                    online,
+                    history: &history,
+                    recovered,
+                    asked,
+                    redpackets: &redpackets,
+                },
                 reference,
                 format,
                 self.shared.cfg.limits.max_out_frame_bytes,
@@ -620,6 +646,10 @@ enum Reply {
         room: RoomId,
         online: u64,
         history: Vec<Arc<protocol::Event>>,
+        /// With `since`: whether `history` is everything after it.
+        recovered: Option<bool>,
+        /// The `history` the join asked for.
+        asked: usize,
         redpackets: Vec<protocol::OpenPacket>,
     },
     Ack,
@@ -632,42 +662,60 @@ fn not_joined(room: &RoomId) -> ProtoError {
     ProtoError::new(ErrorCode::NotJoined, format!("not in room {room}"))
 }
 
-/// The `joined` frame, its history trimmed from the oldest end until the frame is
-/// within `max` bytes (PROTOCOL.md v1.1, outbound frame bound).
-fn joined_within(
-    room: &RoomId,
+/// What a `joined` frame says, before encoding.
+struct JoinedParts<'a> {
+    room: &'a RoomId,
     online: u64,
-    history: &[Arc<protocol::Event>],
-    redpackets: &[protocol::OpenPacket],
+    history: &'a [Arc<protocol::Event>],
+    recovered: Option<bool>,
+    asked: usize,
+    redpackets: &'a [protocol::OpenPacket],
+}
+
+/// The `joined` frame, its history trimmed from the oldest end until the frame is
+/// within `max` bytes (PROTOCOL.md v1.1, outbound frame bound). A recovery that does not
+/// fit is no recovery: it is answered `recovered: false` with the last `asked` events
+/// (trimmed likewise), never as a cut list that would claim to be complete.
+fn joined_within(
+    parts: &JoinedParts<'_>,
     reference: Option<i64>,
     format: Format,
     max: usize,
 ) -> Bytes {
-    let encode = |history: &[Arc<protocol::Event>]| {
+    let encode = |history: &[Arc<protocol::Event>], recovered: Option<bool>| {
         wire::encode(
             &ServerFrame::Joined {
-                room,
-                online,
+                room: parts.room,
+                online: parts.online,
                 history,
-                redpackets,
+                redpackets: parts.redpackets,
+                recovered,
                 reference,
             },
             format,
         )
     };
-    let whole = encode(history);
+    let whole = encode(parts.history, parts.recovered);
     if whole.len() <= max {
         return whole;
     }
+    let (history, recovered) = match parts.recovered {
+        Some(true) => {
+            // The log's tail is the room's last events whether or not it recovered.
+            let skip = parts.history.len().saturating_sub(parts.asked);
+            (&parts.history[skip..], Some(false))
+        }
+        other => (parts.history, other),
+    };
     // Weigh each event once, drop the oldest until the rest fits, then check for real.
-    let mut over = whole.len() - max;
+    let mut over = encode(history, recovered).len().saturating_sub(max);
     let mut skip = 0;
     while over > 0 && skip < history.len() {
         over = over.saturating_sub(wire::encoded_len(&*history[skip], format) + 1);
         skip += 1;
     }
     loop {
-        let frame = encode(&history[skip..]);
+        let frame = encode(&history[skip..], recovered);
         if frame.len() <= max || skip == history.len() {
             return frame;
         }
