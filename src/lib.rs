@@ -26,10 +26,10 @@
 //! | [`upgrade`] | the WebSocket opening handshake; hands the session the raw socket |
 //! | [`session`] | one connection: reads (tungstenite validates), writes (shared frame bytes), heartbeats, its rooms |
 //! | [`wire`] | server frames as complete WebSocket bytes, encoded once and shared |
-//! | [`hub`] | rooms, flushers (batching, gift merging, chat budgets), encoded windows and shards (fan-out) |
+//! | [`hub`] | rooms, flushers (batching, gift merging, chat budgets), event logs (history, recovery), encoded windows and shards (fan-out) |
 //! | [`ratelimit`] | per-user GCRA budgets for chat, free gifts, grabs, joins |
 //! | [`redpacket`] | red packets: split, exactly-once grabs, journal, expiry, events |
-//! | [`backplane`] | joins nodes: trait, `Local` (single node), Redis pub/sub + presence |
+//! | [`backplane`] | joins nodes: trait, `Local` (single node), Redis pub/sub, the cluster log (recovery) + presence |
 //! | [`redis_link`] | the supervised Redis command connection (single or cluster) |
 //! | [`http`] | `/ws`, `/healthz`, `/readyz`, `/metrics`, `/api/v1/...` |
 //! | [`metrics`] | every metric's name and description, hot-path handles |

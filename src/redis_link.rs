@@ -85,6 +85,40 @@ impl Conn {
         }
     }
 
+    /// Runs groups of commands, each group in order (a room's windows, whose order the
+    /// cluster log must keep), and returns every reply in the order given: one pipelined
+    /// round trip on a single server; on a cluster the groups concurrently, each group's
+    /// commands one after another.
+    pub async fn run_groups(&mut self, groups: &[Vec<Cmd>]) -> RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(c) => {
+                let mut p = redis::pipe();
+                for cmd in groups.iter().flatten() {
+                    p.add_command(cmd.clone());
+                }
+                p.query_async(c).await
+            }
+            Conn::Cluster(c) => {
+                let replies = futures_util::future::join_all(groups.iter().map(|group| {
+                    let mut c = c.clone();
+                    async move {
+                        let mut out = Vec::with_capacity(group.len());
+                        for cmd in group {
+                            out.push(cmd.query_async::<Value>(&mut c).await?);
+                        }
+                        Ok::<_, redis::RedisError>(out)
+                    }
+                }))
+                .await;
+                let mut out = Vec::new();
+                for r in replies {
+                    out.extend(r?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// SUBSCRIBE, or SSUBSCRIBE (sharded pub/sub) on a cluster.
     pub async fn subscribe(&mut self, channel: &str) -> RedisResult<()> {
         match self {

@@ -99,7 +99,8 @@ pub async fn run(
                 cfg.redis.clone(),
                 cfg.presence.clone(),
                 Arc::clone(link),
-                cfg.room.history_len,
+                cfg.room.history_len.max(cfg.room.recovery_len),
+                cfg.room.recovery_len > 0,
                 Duration::from_secs(cfg.room.idle_ttl_s.max(1)),
             );
             (bp.clone(), Some(bp))

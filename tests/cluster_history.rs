@@ -19,11 +19,15 @@ async fn first_viewer_on_another_node_gets_the_rooms_history() {
     let a = redis_node(&redis.url(), "node-a", |c| {
         relax_rate_limits(c);
         c.room.history_len = 4;
+        // The cluster log then keeps exactly the history.
+        c.room.recovery_len = 0;
     })
     .await;
     let b = redis_node(&redis.url(), "node-b", |c| {
         relax_rate_limits(c);
         c.room.history_len = 4;
+        // The cluster log then keeps exactly the history.
+        c.room.recovery_len = 0;
     })
     .await;
 
@@ -47,15 +51,24 @@ async fn first_viewer_on_another_node_gets_the_rooms_history() {
         .events_until("hist", |e| e.iter().any(|e| e["text"] == "s"))
         .await;
     // Kept in Redis: the last history_len events, with an expiry.
-    wait_until("history list holds the window", async || {
-        redis.cli(&["LLEN", "danmaku:history:hist"]) == "4"
+    let log = "danmaku:log:{danmaku:room:hist}";
+    wait_until("the room's log holds the window", async || {
+        redis.cli(&["LLEN", log]) == "4"
     })
     .await;
-    let ttl: i64 = redis
-        .cli(&["PTTL", "danmaku:history:hist"])
-        .parse()
-        .unwrap();
-    assert!(ttl > 0, "history list expires ({ttl})");
+    for key in [
+        log,
+        "danmaku:logseq:{danmaku:room:hist}",
+        "danmaku:logidx:{danmaku:room:hist}",
+    ] {
+        let ttl: i64 = redis.cli(&["PTTL", key]).parse().unwrap();
+        assert!(ttl > 0, "{key} expires ({ttl})");
+    }
+    // Trimmed entries leave the index too.
+    assert_eq!(
+        redis.cli(&["HLEN", "danmaku:logidx:{danmaku:room:hist}"]),
+        "4"
+    );
 
     // Node B has never had a member of the room.
     let mut bob = b.client("").await;

@@ -17,9 +17,15 @@
 //   `code` is the protocol's error code, plus `retryAfterMs` whenever the server sends
 //   `retry_after_ms` (`rate_limited`, slow mode's included; a `muted` with an end).
 // - Reconnects with jittered exponential backoff. Close 1001 (node draining) and 4010
-//   (slow consumer, resync) reconnect at once. After every reconnect the rooms joined
-//   before are joined again with `history`, and history events already seen are not
-//   delivered twice (events are keyed by `id` and `ts`).
+//   (slow consumer, resync) reconnect at once. With `urls`, each reconnect goes to the
+//   next endpoint, so a draining node is not the first one tried again.
+// - Recovery (protocol v1.1): the client remembers the id of the last event it got in
+//   each room; after every reconnect it re-joins the room with `since` = that id (and the
+//   room's `history`). When the gateway still holds every event that followed it
+//   (`joined.recovered`), those are delivered like live ones (`meta.recovered`), and the
+//   gap is closed; else the room's recent history is delivered and the page is told it
+//   may have missed some (`rejoined` callback). No event is delivered twice (events are
+//   keyed by `id` and `ts`, a bounded set per room).
 // - Heartbeat: browsers answer the server's WebSocket pings themselves; on top, the
 //   client sends an app-level `ping` every `heartbeat_ms` (from `hello`) and treats a
 //   `pong` that does not come back in time as a dead socket (drop, reconnect).
@@ -88,7 +94,10 @@ export const CloseCode = Object.freeze({
  * @typedef {{ op: 'hello', conn: string, node: string, user: User | null,
  *   heartbeat_ms: number }} HelloFrame
  * @typedef {{ op: 'joined', room: string, online: number, history: RoomEvent[],
- *   redpackets: OpenPacket[], ref?: number }} JoinedFrame
+ *   redpackets: OpenPacket[], recovered?: boolean, ref?: number }} JoinedFrame
+ *   `recovered` is there when the join named `since` (always a boolean then, even from a
+ *   gateway that does not know `since`: false): true when `history` holds exactly the
+ *   room's events that followed `since`, oldest first (possibly none)
  * @typedef {{ op: 'ack', ref?: number, amount?: number }} AckFrame
  * @typedef {{ op: 'pong', ref?: number }} PongFrame
  * @typedef {{ op: 'error', ref?: number, code: string, message: string,
@@ -110,10 +119,32 @@ export const CloseCode = Object.freeze({
  * @property {string} room the room the event belongs to
  * @property {boolean} history true when it came from `joined.history` (a join with
  *   `history`, or the re-join after a reconnect), false when it came live in a `batch`
+ * @property {true} [recovered] only there (true) on an event from the `history` of a join
+ *   that recovered (`joined.recovered`): one that happened while the client was away
+ *   and that it never had; show it as if it came live
  *
  * @typedef {object} JoinedMeta
  * @property {boolean} rejoin true when the client re-joined by itself after a reconnect
  * @property {boolean} resync true when that reconnect followed a 4010 (events were lost)
+ *
+ * @typedef {object} RejoinInfo what an automatic re-join after a reconnect found
+ * @property {boolean} recovered true when the gap was closed: the gateway still held
+ *   every event of the room after the last one the client had (`since`), and they have
+ *   just been delivered (`meta.recovered`); false when some may have been missed (the
+ *   room's recent `history` was delivered instead, without what was already seen), e.g.
+ *   after a gateway restart without a cluster, a gap longer than the gateway's recovery
+ *   log, or a room where no event had come yet (nothing to name in `since`)
+ * @property {string | null} since the `since` the re-join sent (null: none)
+ * @property {number} missed events of the re-join's `history` delivered now (not seen
+ *   before): with `recovered`, every event of the gap
+ * @property {boolean} resync true when the reconnect followed a 4010 (slow consumer)
+ *
+ * @typedef {object} JoinOptions
+ * @property {number} [history] recent events to receive (0..=100); also what every
+ *   automatic re-join asks for (else `rejoinHistory`)
+ * @property {string} [since] the id of the last event the app got in this room (e.g.
+ *   kept from before a page reload, see `lastEventId()`): the `joined` reply then says
+ *   whether its `history` is exactly what followed (`recovered`)
  *
  * @typedef {object} CloseInfo
  * @property {number} code
@@ -135,6 +166,7 @@ export const CloseCode = Object.freeze({
  *   close: [CloseInfo],
  *   banned: [CloseInfo],
  *   joined: [JoinedFrame, JoinedMeta],
+ *   rejoined: [string, RejoinInfo],
  *   online: [string, number],
  *   error: [DanmakuError],
  * }} ClientEvents
@@ -146,7 +178,11 @@ export const CloseCode = Object.freeze({
  * @property {number} [jitter=0.5] 0..1: each delay is drawn from [delay*(1-jitter), delay]
  *
  * @typedef {object} ClientOptions
- * @property {string} url the gateway's WebSocket endpoint, e.g. `wss://host/ws`
+ * @property {string} [url] the gateway's WebSocket endpoint, e.g. `wss://host/ws`
+ *   (this or `urls`)
+ * @property {string[]} [urls] several endpoints (e.g. one per node): the first is tried
+ *   first, and every reconnect moves on to the next one (round robin), so a node that
+ *   drains (1001) or died is not the one tried again first
  * @property {string | null | (() => string | null | undefined | Promise<string | null | undefined>)} [token]
  *   a JWT, or a function returning one (called before every (re)connect, so a token
  *   can be refreshed). Absent: anonymous, read-only.
@@ -154,7 +190,8 @@ export const CloseCode = Object.freeze({
  * @property {any} [WebSocket] a WebSocket implementation (e.g. the `ws` package on
  *   Node 20); default `globalThis.WebSocket`
  * @property {boolean | ReconnectOptions} [reconnect=true]
- * @property {number} [rejoinHistory=20] `history` asked for when re-joining after a reconnect
+ * @property {number} [rejoinHistory=20] `history` asked for when re-joining after a
+ *   reconnect a room that was joined without `history` (else the join's `history`)
  * @property {number} [requestTimeoutMs=10000] an op without reply after this rejects `timeout`
  * @property {number} [connectTimeoutMs=10000] a socket without `hello` after this is dropped
  * @property {number} [pingIntervalMs] app-level ping period; default `hello.heartbeat_ms`
@@ -196,19 +233,27 @@ const OPEN = 1;
 /**
  * @typedef {{ resolve: (v: any) => void, reject: (e: Error) => void, timer: any,
  *   op: string, room?: string, internal?: boolean, sent: boolean }} Pending
+ *
+ * @typedef {{ online: number, history: number, lastId: string | null }} RoomState
+ *   `lastId`: the last event (not `presence`, which the recovery log does not keep)
+ *   received in the room, live or from a `history`
  */
 
 export class DanmakuClient {
   /** @param {ClientOptions} options */
   constructor(options) {
-    if (!options || typeof options.url !== 'string') throw new TypeError('options.url is required');
+    const urls = Array.isArray(options?.urls) && options.urls.length ? [...options.urls] : [options?.url];
+    if (!urls.every((u) => typeof u === 'string')) throw new TypeError('options.url (or options.urls) is required');
     const format = options.format ?? 'json';
     if (format !== 'json' && format !== 'msgpack') throw new TypeError('format must be json or msgpack');
     const WS = options.WebSocket ?? /** @type {any} */ (globalThis).WebSocket;
     if (typeof WS !== 'function') {
       throw new TypeError('no WebSocket implementation: pass options.WebSocket (e.g. the ws package)');
     }
-    this.url = options.url;
+    /** @private @type {string[]} */ this._urls = /** @type {string[]} */ (urls);
+    /** @private */ this._urlIndex = 0;
+    /** The endpoint of the current (or next) connection attempt. */
+    this.url = this._urls[0];
     this.format = format;
     /** @private */ this._WS = WS;
     /** @private */ this._token = options.token;
@@ -239,8 +284,9 @@ export class DanmakuClient {
     /** @private @type {Array<{ resolve: () => void, reject: (e: Error) => void }>} */
     this._openWaiters = [];
     /** @private @type {Map<string, Set<(...args: any[]) => void>>} */ this._listeners = new Map();
-    /** Rooms joined (and re-joined after reconnects), with their online counts.
-     * @private @type {Map<string, { online: number }>} */
+    /** Rooms joined (and re-joined after reconnects): online count, the `history` the
+     * join asked for, the id of the last event received (the next re-join's `since`).
+     * @private @type {Map<string, RoomState>} */
     this._rooms = new Map();
     /** @private @type {Map<string, { set: Set<string>, order: string[] }>} */ this._seen = new Map();
     /** Per room: recalled event id → the recall's `ts` (a recall only targets earlier events).
@@ -277,6 +323,10 @@ export class DanmakuClient {
    * - `open`: `(hello)` after every (re)connect; `close`: `({ code, reason })`
    * - `banned`: `({ code, reason })` when the server closed with 4030 (no reconnect)
    * - `joined`: `(joinedFrame, { rejoin, resync })`, for joins and automatic re-joins
+   *   (before the frame's `history` events are delivered)
+   * - `rejoined`: `(room, { recovered, since, missed, resync })` after an automatic
+   *   re-join's `history` was delivered: whether the gap was closed (`recovered`) or some
+   *   events may have been missed
    * - `online`: `(room, count)` whenever a room's online count changes
    * - `error`: `(DanmakuError)` for errors no promise receives (an `error` frame
    *   without `ref`, an undecodable frame, a failed automatic re-join)
@@ -370,6 +420,39 @@ export class DanmakuClient {
   /** @param {string} room @returns {number | undefined} the room's last known online count */
   online(room) {
     return this._rooms.get(room)?.online;
+  }
+
+  /**
+   * The id of the last event received in a room (live or from a `history`; `presence`
+   * aside): what the next automatic re-join sends as `since`. An app that wants to
+   * recover across a page reload can keep it and pass it to `join(room, { since })`.
+   * @param {string} room @returns {string | undefined}
+   */
+  lastEventId(room) {
+    return this._rooms.get(room)?.lastId ?? undefined;
+  }
+
+  /**
+   * Drops the current connection and reconnects at once (the rooms are re-joined with
+   * `since`, as after any reconnect), e.g. when the app knows the socket is stale (the
+   * device woke up, the network changed). While waiting to reconnect: tries now. Does
+   * nothing when idle, closed or banned (see connect()).
+   */
+  reconnect() {
+    if (this.status === 'reconnecting') {
+      this._retryNow();
+      return;
+    }
+    if (this.status !== 'open' && this.status !== 'connecting') return;
+    const ws = this._teardown();
+    if (ws) {
+      try {
+        ws.close(CloseCode.NORMAL, 'client reconnects');
+      } catch {
+        /* already closing */
+      }
+    }
+    this._afterGone(CloseCode.NORMAL, 'client reconnects', true);
   }
 
   /** @private @param {Status} status @param {StatusDetail} [detail] */
@@ -466,8 +549,11 @@ export class DanmakuClient {
     this._afterGone(code, reason);
   }
 
-  /** @private @param {number} code @param {string} reason */
-  _afterGone(code, reason) {
+  /**
+   * @private @param {number} code @param {string} reason
+   * @param {boolean} [now] reconnect without waiting (reconnect())
+   */
+  _afterGone(code, reason, now = false) {
     const wasOpen = this.status === 'open';
     this._emit('close', { code, reason });
     // Ops already on the wire will never be answered; queued ones wait for the next socket.
@@ -496,7 +582,7 @@ export class DanmakuClient {
     }
     if (code === CloseCode.SLOW_CONSUMER) this._resync = true;
     // 1001: the node drains and another takes us; 4010: resync. Both: at once, once.
-    if ((code === CloseCode.GOING_AWAY || code === CloseCode.SLOW_CONSUMER) && wasOpen) {
+    if (now || ((code === CloseCode.GOING_AWAY || code === CloseCode.SLOW_CONSUMER) && wasOpen)) {
       this._scheduleReconnect(0, reason, code);
     } else {
       this._scheduleReconnect(this._backoff(), reason, code);
@@ -524,6 +610,12 @@ export class DanmakuClient {
   /** @private @param {number} delayMs @param {string} reason @param {number} [code] */
   _scheduleReconnect(delayMs, reason, code) {
     this._reconnected = true;
+    // Several endpoints: the next attempt goes to the next one (a drained or dead node
+    // is not tried again first).
+    if (this._urls.length > 1) {
+      this._urlIndex = (this._urlIndex + 1) % this._urls.length;
+      this.url = this._urls[this._urlIndex];
+    }
     this._setStatus('reconnecting', { attempt: this._attempt, delayMs, code, reason });
     clearTimeout(this._retryTimer);
     this._retryTimer = setTimeout(() => this._open(), delayMs);
@@ -634,6 +726,14 @@ export class DanmakuClient {
 
   /** @private @param {string} room @param {boolean} resync */
   _rejoin(room, resync) {
+    const state = this._rooms.get(room);
+    if (!state) return;
+    // Where the room's stream stopped for us: the gateway sends what followed, if it can.
+    const since = state.lastId ?? undefined;
+    const history = state.history > 0 ? state.history : this._rejoinHistory;
+    /** @type {Record<string, unknown>} */
+    const frame = { op: 'join', room, history };
+    if (since !== undefined) frame.since = since;
     const ref = this._nextRef();
     this._pending.set(ref, {
       op: 'join',
@@ -641,7 +741,7 @@ export class DanmakuClient {
       internal: true,
       sent: false,
       timer: setTimeout(() => this._pending.delete(ref), this._requestTimeoutMs),
-      resolve: (/** @type {JoinedFrame} */ joined) => this._joined(joined, { rejoin: true, resync }),
+      resolve: (/** @type {JoinedFrame} */ joined) => this._joined(joined, { rejoin: true, resync }, 0, since),
       reject: (e) => {
         this._emit('error', e);
         const err = /** @type {DanmakuError} */ (e);
@@ -650,42 +750,72 @@ export class DanmakuClient {
           setTimeout(() => {
             if (this.status === 'open' && this._rooms.has(room)) this._rejoin(room, resync);
           }, err.retryAfterMs ?? 1000);
+        } else if (err.code === 'bad_request' && since !== undefined && this._rooms.get(room) === state) {
+          // A `since` the gateway will not take (e.g. an app's own, too long): forget the
+          // position and join as without it rather than not at all.
+          if (state.lastId === since) state.lastId = null;
+          if (this.status === 'open') this._rejoin(room, resync);
         }
       },
     });
-    this._sendPending(ref, /** @type {Pending} */ (this._pending.get(ref)), {
-      op: 'join',
-      room,
-      history: this._rejoinHistory,
-    });
+    this._sendPending(ref, /** @type {Pending} */ (this._pending.get(ref)), frame);
   }
 
-  /** @private @param {JoinedFrame} joined @param {JoinedMeta} meta */
-  _joined(joined, meta) {
+  /**
+   * @private @param {JoinedFrame} joined @param {JoinedMeta} meta
+   * @param {number} history the `history` an app's join asked for (kept for re-joins)
+   * @param {string | undefined} since the `since` the join sent
+   */
+  _joined(joined, meta, history, since) {
     const room = joined.room;
-    const state = this._rooms.get(room) ?? { online: 0 };
-    this._rooms.set(room, state);
+    let state = this._rooms.get(room);
+    if (!state) this._rooms.set(room, (state = { online: 0, history: 0, lastId: null }));
+    if (!meta.rejoin) state.history = history;
+    let recovered = false;
+    if (since !== undefined) {
+      // A gateway without recovery leaves the field out: it recovered nothing.
+      recovered = joined.recovered === true;
+      joined.recovered = recovered;
+      // The app's own position, until an event moves it.
+      if (state.lastId === null) state.lastId = since;
+    }
     this._setOnline(room, joined.online);
     this._emit('joined', joined, meta);
-    for (const ev of joined.history ?? []) this._deliver(room, ev, true);
+    let missed = 0;
+    for (const ev of joined.history ?? []) {
+      if (this._deliver(room, state, ev, true, recovered)) missed++;
+    }
+    if (meta.rejoin) {
+      this._emit('rejoined', room, { recovered, since: since ?? null, missed, resync: meta.resync });
+    }
   }
 
   /** @private @param {BatchFrame} batch */
   _onBatch(batch) {
     // A batch already on the wire when leave() was called: the app no longer wants it.
-    if (!this._rooms.has(batch.room)) return;
-    for (const ev of batch.events ?? []) this._deliver(batch.room, ev, false);
+    const state = this._rooms.get(batch.room);
+    if (!state) return;
+    for (const ev of batch.events ?? []) this._deliver(batch.room, state, ev, false, false);
   }
 
-  /** @private @param {string} room @param {RoomEvent} ev @param {boolean} history */
-  _deliver(room, ev, history) {
-    if (!ev || typeof ev !== 'object') return;
+  /**
+   * Delivers one event unless it was seen already (or recalled); returns whether it was.
+   * @private @param {string} room @param {RoomState} state @param {RoomEvent} ev
+   * @param {boolean} history from `joined.history` @param {boolean} recovered from the
+   *   `history` of a join that recovered
+   * @returns {boolean}
+   */
+  _deliver(room, state, ev, history, recovered) {
+    if (!ev || typeof ev !== 'object') return false;
+    // The stream's position moves with every event, a duplicate's too (events come in
+    // the room's order); presence is never in the recovery log, so it cannot be `since`.
+    if (typeof ev.id === 'string' && ev.id && ev.type !== 'presence') state.lastId = ev.id;
     if (ev.id !== undefined) {
       // Ids are `<node>-<seq>`; with ts they stay unique across a node's restart.
       const key = `${ev.id}@${ev.ts}`;
       let seen = this._seen.get(room);
       if (!seen) this._seen.set(room, (seen = { set: new Set(), order: [] }));
-      if (seen.set.has(key)) return;
+      if (seen.set.has(key)) return false;
       seen.set.add(key);
       seen.order.push(key);
       if (seen.order.length > SEEN_PER_ROOM) seen.set.delete(/** @type {string} */ (seen.order.shift()));
@@ -696,11 +826,13 @@ export class DanmakuClient {
     } else if (ev.id !== undefined) {
       // A recalled event coming (back) after its recall, e.g. from a replayed history.
       const recallTs = this._recalled.get(room)?.get(ev.id);
-      if (recallTs !== undefined && !(ev.ts > recallTs)) return;
+      if (recallTs !== undefined && !(ev.ts > recallTs)) return false;
     }
-    const meta = { room, history };
+    /** @type {EventMeta} */
+    const meta = recovered ? { room, history, recovered: true } : { room, history };
     this._emit(ev.type, ev, meta);
     this._emit('event', ev, meta);
+    return true;
   }
 
   /** @private @param {string} room @param {RecallEvent} ev */
@@ -854,19 +986,22 @@ export class DanmakuClient {
   // Ops
 
   /**
-   * Joins a room; resolves with `joined` (online count, `history`, open `redpackets`).
-   * History events are also delivered to the event callbacks with `history: true`.
-   * The room is re-joined automatically after every reconnect.
+   * Joins a room; resolves with `joined` (online count, `history`, open `redpackets`;
+   * with `since`, `recovered`). History events are also delivered to the event callbacks
+   * with `history: true` (and `recovered: true` when the join recovered). The room is
+   * re-joined automatically after every reconnect, with `since` and this `history`.
    * @param {string} room
-   * @param {{ history?: number }} [opts] recent events to receive (0..=100)
+   * @param {JoinOptions} [opts]
    * @returns {Promise<JoinedFrame>}
    */
   async join(room, opts = {}) {
     /** @type {Record<string, unknown> & { op: string }} */
     const frame = { op: 'join', room };
     if (opts.history) frame.history = opts.history;
+    const since = typeof opts.since === 'string' ? opts.since : undefined;
+    if (since !== undefined) frame.since = since;
     const joined = /** @type {JoinedFrame} */ (await this._request(frame));
-    this._joined(joined, { rejoin: false, resync: false });
+    this._joined(joined, { rejoin: false, resync: false }, opts.history ?? 0, since);
     return joined;
   }
 

@@ -1,7 +1,8 @@
 // The live demo page: danmaku over a "stream", chat, gifts with combos, red packets,
 // and moderation: recalled comments vanish, muted/filtered/slow-mode refusals and a ban
 // are shown, and in dev mode a small moderator panel mutes, recalls, closes the chat and
-// sets slow mode through the gateway's /dev helpers.
+// sets slow mode through the gateway's /dev helpers. After a reconnect a brief notice
+// says whether anything was missed; what the gateway recovered plays like live events.
 // URL parameters: room (default "demo"), token (a JWT; without one the page asks the
 // gateway for a dev token when [web] dev_tokens is on, else watches anonymously),
 // name (display name for the dev token), format (json | msgpack).
@@ -15,6 +16,7 @@ const FORMAT = params.get('format') === 'msgpack' ? 'msgpack' : 'json';
 const NAME = (params.get('name') ?? '').trim() || `Viewer-${1000 + Math.floor(Math.random() * 9000)}`;
 const GIFTS = /** @type {Record<string, string>} */ ({ rose: 'Rose', heart: 'Heart' });
 const COMBO_WINDOW_MS = 3000;
+const RECONNECT_NOTICE_MS = 4000;
 
 const money = (/** @type {number} */ cents) => `${(cents / 100).toFixed(2)}`;
 
@@ -179,7 +181,8 @@ function notice(text, bad = false, code = '') {
 
 /** A duration for people: `4.2 s`, `3 min 20 s`, `2 h 5 min`. @param {number} ms */
 function human(ms) {
-  const s = Math.max(0, ms) / 1000;
+  // Rounded to what is shown first, so that 59.97 s reads "1 min", not "60.0 s".
+  const s = Math.round(Math.max(0, ms) / 100) / 10;
   if (s < 60) return `${s.toFixed(1)} s`;
   if (s < 3600) return `${Math.floor(s / 60)} min${s % 60 >= 1 ? ` ${Math.floor(s % 60)} s` : ''}`;
   return `${Math.floor(s / 3600)} h${s % 3600 >= 60 ? ` ${Math.floor((s % 3600) / 60)} min` : ''}`;
@@ -401,7 +404,14 @@ function packetResult(text, good) {
 
 /** @param {{ packet: string, user: { name: string }, total: number, shares: number, remaining?: number }} p */
 function showPacket(p) {
-  if (packet?.packet === p.packet) return;
+  if (packet?.packet === p.packet) {
+    // Shown already (a re-join lists it again): `remaining` is the truth now.
+    if (p.remaining !== undefined && !packet.done) {
+      packet.grabbed = p.shares - p.remaining;
+      renderPacket();
+    }
+    return;
+  }
   if (packet) clearTimeout(packet.hideTimer);
   packet = {
     packet: p.packet,
@@ -490,14 +500,39 @@ client.on('joined', (joined, meta) => {
   if (meta.rejoin) logLine('sys', null, meta.resync ? 'Reconnected (resynced)' : 'Reconnected');
   for (const p of joined.redpackets ?? []) showPacket(p);
 });
+// After a reconnect the client re-joined with the last event it had (`since`): either the
+// gateway sent everything that happened meanwhile (already shown, as if live), or it
+// could not (a restarted node without a cluster, a long gap) and the page says so.
+/** @type {number | undefined} */
+let reconnectNoticeTimer;
+client.on('rejoined', (room, info) => {
+  if (room !== ROOM) return;
+  const el = $('reconnect-notice');
+  el.textContent = info.recovered ? 'Reconnected, nothing missed' : 'Reconnected, some messages may have been missed';
+  el.dataset.recovered = String(info.recovered);
+  el.dataset.missed = String(info.missed);
+  el.hidden = false;
+  clearTimeout(reconnectNoticeTimer);
+  reconnectNoticeTimer = window.setTimeout(() => {
+    el.hidden = true;
+  }, RECONNECT_NOTICE_MS);
+});
+
+/**
+ * Whether an event is shown as live: it came in a batch, or it is one the re-join
+ * recovered (it happened while we were away); plain history is shown as the past.
+ * @param {import('./danmaku-client.js').EventMeta} meta
+ */
+const isLive = (meta) => !meta.history || meta.recovered === true;
 client.on('error', (e) => notice(describe(e), true));
 
 client.on('chat', (ev, meta) => {
   const self = ev.user.id === myId;
-  const li = logLine(self ? 'self chat' : 'chat', ev.user.name, ev.text, meta.history, ev.id);
+  const live = isLive(meta);
+  const li = logLine(self ? 'self chat' : 'chat', ev.user.name, ev.text, !live, ev.id);
   li.dataset.user = ev.user.id;
   if (devMode) addModActions(li, ev.user, self);
-  if (!meta.history) stage.add(ev.text, { self, id: ev.id });
+  if (live) stage.add(ev.text, { self, id: ev.id });
 });
 // A moderator took an event back: off the stage and out of the chat log, wherever it is.
 // A recall whose target is not shown (older than the history, or never seen) does nothing.
@@ -509,11 +544,12 @@ client.on('recall', (ev, meta) => {
     li.remove();
     found = true;
   }
-  if (found && !meta.history) logLine('sys recalled', null, 'A message was removed by a moderator');
+  if (found && isLive(meta)) logLine('sys recalled', null, 'A message was removed by a moderator');
 });
 /** The last gift line of the chat log, extended while the same user sends the same gift. */
 let lastGiftLine = { key: '', count: 0, at: 0, li: /** @type {Element | null} */ (null) };
 client.on('gift', (ev, meta) => {
+  const live = isLive(meta);
   const key = `${ev.user.id}/${ev.gift}`;
   const now = Date.now();
   const line = lastGiftLine;
@@ -522,21 +558,24 @@ client.on('gift', (ev, meta) => {
     line.at = now;
     /** @type {ChildNode} */ (line.li.lastChild).textContent = `sent ${GIFTS[ev.gift] ?? ev.gift} ×${line.count}`;
   } else {
-    const li = logLine('gift', ev.user.name, `sent ${GIFTS[ev.gift] ?? ev.gift} ×${ev.count}`, meta.history, ev.id);
+    const li = logLine('gift', ev.user.name, `sent ${GIFTS[ev.gift] ?? ev.gift} ×${ev.count}`, !live, ev.id);
     lastGiftLine = { key, count: ev.count, at: now, li };
   }
-  if (!meta.history) giftToast(ev);
+  if (live) giftToast(ev);
 });
 client.on('redpacket', (ev, meta) => {
-  logLine('rp', ev.user.name, `sent a red packet: ${money(ev.total)} in ${ev.shares} shares`, meta.history, ev.id);
-  if (!meta.history && ev.expires_at > Date.now()) showPacket(ev);
+  const live = isLive(meta);
+  logLine('rp', ev.user.name, `sent a red packet: ${money(ev.total)} in ${ev.shares} shares`, !live, ev.id);
+  // A recovered one that is still open was listed in the re-join's `redpackets` already.
+  if (live && ev.expires_at > Date.now()) showPacket(ev);
 });
 client.on('grab', (ev, meta) => {
+  // History (recovered too) came before the join, whose `redpackets` counted it already.
   if (packet?.packet === ev.packet && !meta.history) {
     packet.grabbed++;
     renderPacket();
   }
-  logLine('rp', ev.user.name, `grabbed ${money(ev.amount)}`, meta.history, ev.id);
+  logLine('rp', ev.user.name, `grabbed ${money(ev.amount)}`, !isLive(meta), ev.id);
 });
 client.on('redpacket_done', (ev) => {
   if (packet?.packet !== ev.packet) return;
@@ -553,8 +592,9 @@ client.on('redpacket_done', (ev) => {
   }, 8000);
 });
 client.on('system', (ev, meta) => {
-  logLine('sys', null, ev.text, meta.history, ev.id);
-  if (!meta.history) stage.add(ev.text, { system: true, id: ev.id });
+  const live = isLive(meta);
+  logLine('sys', null, ev.text, !live, ev.id);
+  if (live) stage.add(ev.text, { system: true, id: ev.id });
 });
 
 // Banned (close 4030): the client does not reconnect; the page says so and stops.

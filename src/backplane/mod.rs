@@ -13,7 +13,9 @@
 //!
 //! A room's recent events are also kept where every node can read them
 //! ([`Backplane::recent`]), so the first viewer of a room on a node gets the room's
-//! history in `joined`, not only what this node happened to see.
+//! history in `joined`, not only what this node happened to see; in a cluster that
+//! store is the room's **cluster log**, numbered in one order for the whole cluster,
+//! from which a client reconnecting to any node recovers ([`Backplane::recover`]).
 //!
 //! [`Local`] is the single-node backplane (nothing to join); [`redis::RedisBackplane`]
 //! uses Redis pub/sub (sharded pub/sub on a cluster).
@@ -35,7 +37,9 @@ pub const SUBSCRIPTIONS: &str = "danmaku_backplane_subscriptions";
 pub trait Backplane: Send + Sync {
     /// Sends a window's locally originated events of `room` to the other nodes. Must not
     /// block: implementations buffer (bounded) and drop, counting drops, when behind.
-    fn publish(&self, room: &RoomId, events: &[Arc<Event>]);
+    /// `seen[i]`: the cluster log number of the last event from another node that this
+    /// node had taken into the room before `events[i]` (see [`ClusterRecovery`]).
+    fn publish(&self, room: &RoomId, events: &[Arc<Event>], seen: &[u64]);
     /// The local membership of `room` changed between zero and non-zero: subscribe or
     /// unsubscribe accordingly (the implementation re-reads the current state).
     fn interest(&self, room: &RoomId);
@@ -54,10 +58,31 @@ pub trait Backplane: Send + Sync {
     async fn recent(&self, _room: &RoomId, _n: usize) -> Vec<Event> {
         Vec::new()
     }
+    /// What followed the event `since` in `room`, from the cluster log; None where
+    /// there is no cluster log (a single node answers from its own log).
+    async fn recover(&self, _room: &RoomId, _since: &str) -> Option<ClusterRecovery> {
+        None
+    }
     /// Whether the backplane can reach the other nodes right now.
     fn is_up(&self) -> bool;
     /// Short name for `/readyz` and logs.
     fn kind(&self) -> &'static str;
+}
+
+/// A recovery answered from the cluster log. Nodes deliver their own events at once and
+/// the others' as pub/sub brings them, so no two nodes need deliver a room in the same
+/// order; the log's order is the one Redis gave, and each of a node's own events
+/// carries how far into that order the node had got when it took the event (`seen`).
+/// From that the answer is every event a client of *any* node may have missed after
+/// `since`: those after it in the log, and those of other origins between its `seen`
+/// and it (which its own node delivered after it). A client may thus get again an event
+/// it already had, never miss one; it drops repeats by id.
+#[derive(Debug, Default)]
+pub struct ClusterRecovery {
+    /// The events after `since` (oldest first), recalled ones taken out.
+    pub events: Vec<Event>,
+    /// False when the log cannot prove it holds them all.
+    pub recovered: bool,
 }
 
 /// The single-node backplane: there is nobody else to tell.
@@ -65,7 +90,7 @@ pub struct Local;
 
 #[async_trait::async_trait]
 impl Backplane for Local {
-    fn publish(&self, _room: &RoomId, _events: &[Arc<Event>]) {}
+    fn publish(&self, _room: &RoomId, _events: &[Arc<Event>], _seen: &[u64]) {}
     fn interest(&self, _room: &RoomId) {}
     fn remote_online(&self, _room: &RoomId) -> u64 {
         0

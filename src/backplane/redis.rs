@@ -15,17 +15,36 @@
 //!   every room it holds. An unsubscribe it did not ask for (a cluster moving a slot
 //!   sends SUNSUBSCRIBE for the slot's shard channels) is answered by subscribing again
 //!   where the channel lives now;
-//! - with each envelope the publisher also appends the window's events to the room's
-//!   **history list** (`danmaku:history:{room}`, one Lua call: push, trim to
-//!   `room.history_len`, expire after `room.idle_ttl_s`), which a node reads when it
-//!   gets a room's first local member: one more command per room per window per node,
-//!   still never one per message;
+//! - each envelope is sent by one Lua call that appends the window's events to the
+//!   room's **cluster log** and publishes the envelope, atomically (see "The cluster
+//!   log" below): one command per room per window per node, never one per message;
 //! - the **presence** task writes this node's per-room counts to
 //!   `danmaku:presence:{room}` (a hash, field = incarnation) and a heartbeat to the
 //!   `danmaku:nodes` sorted set, then sums the other live nodes' counts; a node whose
 //!   heartbeat is older than `presence.node_ttl_s` no longer counts, its fields are
 //!   deleted, and when this node itself has not synced for that long it forgets the
 //!   other nodes' counts (it can no longer tell who is alive).
+//!
+//! ## The cluster log
+//! A room's log is a list (`danmaku:log:{danmaku:room:R}`) of entries
+//! `"<seq> <origin> <seen> <id> <event>"`, numbered by a counter beside it
+//! (`danmaku:logseq:...`), with an index from event id to number (`danmaku:logidx:...`);
+//! the hash tag keeps all three in the slot of the room's channel. The append script
+//! numbers the window's events, appends them, trims the log to
+//! `max(room.history_len, room.recovery_len)` entries (dropping their index fields),
+//! sets every key to expire `room.idle_ttl_s` after the room's last event, and publishes
+//! the envelope prefixed with its first number, all in one step: so every node receives
+//! the other nodes' events in log order. A node's own events carry `seen`, the number of
+//! the last event from another node it had taken into the room before each of them;
+//! [`super::ClusterRecovery`] says why that is what recovery needs. The first viewer of
+//! a room on a node reads the log's tail for `joined.history`.
+//!
+//! Windows this node could not log (queue full, Redis down, sent too late) leave a hole
+//! the log cannot show: the room is noted, and a **gap entry** (`origin` `!`) is
+//! appended as soon as Redis takes it (before the room's next window), so no recovery
+//! across it claims `true`. A `join` with `since` is answered by a script that finds
+//! the event by the index and returns the log from its `seen` on; it goes through the
+//! publisher's ordered queue, so this node's own earlier windows are in the log first.
 //!
 //! Presence is keyed by *incarnation* (`{node}#{start ms}.{random}`), not by node id:
 //! with a fixed `server.node_id`, a node that crashes and restarts is live again under
@@ -45,7 +64,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Backplane, DROPPED, ERRORS, LAG, PUBLISHED, RECEIVED, SUBSCRIPTIONS};
+use super::{Backplane, ClusterRecovery, DROPPED, ERRORS, LAG, PUBLISHED, RECEIVED, SUBSCRIPTIONS};
 use crate::config::{PresenceConfig, RedisConfig};
 use crate::hub::Hub;
 use crate::protocol::{Event, RoomId, now_ms};
@@ -55,6 +74,9 @@ use crate::redis_link::{self, Conn, RECONNECTS, RedisLink};
 const INBOX: usize = 16_384;
 /// Envelopes sent per pipeline round trip.
 const PIPELINE: usize = 256;
+/// How long a `join` with `since` waits for the cluster log's answer before it answers
+/// `recovered: false`.
+const RECOVER_WAIT: Duration = Duration::from_secs(2);
 /// A full re-check of subscriptions against the hub, in case a hint was lost.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 /// Envelopes queued longer ago than this are dropped instead of published: live chat
@@ -73,20 +95,181 @@ pub fn channel(room: &RoomId) -> String {
     format!("{CHANNEL_PREFIX}{room}")
 }
 
-pub fn history_key(room: &RoomId) -> String {
-    format!("danmaku:history:{room}")
+/// The room's cluster log (a list); hash-tagged to its channel's slot.
+pub fn log_key(room: &RoomId) -> String {
+    format!("danmaku:log:{{{}}}", channel(room))
 }
 
-/// Appends events (ARGV[3..]) to a room's history list, keeps the last ARGV[1], and
-/// lets the list expire ARGV[2] ms after the room's last event.
-const HISTORY_APPEND: &str = r"
-for i = 3, #ARGV, 1000 do
-  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+fn log_seq_key(room: &RoomId) -> String {
+    format!("danmaku:logseq:{{{}}}", channel(room))
+}
+
+fn log_index_key(room: &RoomId) -> String {
+    format!("danmaku:logidx:{{{}}}", channel(room))
+}
+
+/// `origin` of a gap entry: not a valid node id.
+const GAP_ORIGIN: &str = "!";
+
+/// Appends a window to a room's cluster log and publishes its envelope, in one step.
+/// KEYS: log, counter, index. ARGV: channel, publish command, envelope (empty: publish
+/// nothing), log cap, ttl ms, origin, gap flag (`1`: a gap entry first), then per event
+/// its id, `seen` and encoding. Returns the first event's number.
+const LOG_APPEND: &str = r"
+local n = (#ARGV - 7) / 3
+local gap = ARGV[7] == '1'
+local total = n
+if gap then total = total + 1 end
+if total == 0 then return 0 end
+local seq = redis.call('INCRBY', KEYS[2], total) - total + 1
+if gap then
+  redis.call('RPUSH', KEYS[1], seq .. ' ! 0 ! ')
+  seq = seq + 1
 end
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
+local first = seq
+for i = 0, n - 1 do
+  local id = ARGV[8 + 3 * i]
+  redis.call('RPUSH', KEYS[1], seq .. ' ' .. ARGV[6] .. ' ' .. ARGV[9 + 3 * i] .. ' ' .. id .. ' ' .. ARGV[10 + 3 * i])
+  redis.call('HSET', KEYS[3], id, seq)
+  seq = seq + 1
+end
+local excess = redis.call('LLEN', KEYS[1]) - tonumber(ARGV[4])
+if excess > 0 then
+  for _, e in ipairs(redis.call('LRANGE', KEYS[1], 0, excess - 1)) do
+    local id = string.match(e, '^%d+ %S+ %d+ (%S+) ')
+    if id and id ~= '!' then redis.call('HDEL', KEYS[3], id) end
+  end
+  redis.call('LTRIM', KEYS[1], excess, -1)
+end
+for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ARGV[5]) end
+if n > 0 and ARGV[3] ~= '' then
+  redis.call(ARGV[2], ARGV[1], first .. ' ' .. ARGV[3])
+end
+return first
 ";
+
+/// Finds the event ARGV[1] in a room's log (KEYS: log, index) and returns
+/// `{1, its number, its origin, its seen, the log from seen + 1 on}`, or `{0}` when it
+/// is not there or the log no longer reaches back to its `seen`.
+const LOG_RECOVER: &str = r"
+local s = redis.call('HGET', KEYS[2], ARGV[1])
+if not s then return {0} end
+s = tonumber(s)
+local head = redis.call('LINDEX', KEYS[1], 0)
+if not head then return {0} end
+local first = tonumber(string.match(head, '^(%d+) '))
+local x = redis.call('LINDEX', KEYS[1], s - first)
+if not x then return {0} end
+local xseq, xorigin, xseen = string.match(x, '^(%d+) (%S+) (%d+) ')
+if tonumber(xseq) ~= s then return {0} end
+xseen = tonumber(xseen)
+local from = s
+if xseen < s then from = xseen + 1 end
+if from < first then return {0} end
+return {1, s, xorigin, xseen, redis.call('LRANGE', KEYS[1], from - first, -1)}
+";
+
+/// Reads [`LOG_RECOVER`]'s reply.
+fn parse_recover_reply(v: Value) -> ClusterRecovery {
+    let Value::Array(parts) = v else {
+        return ClusterRecovery::default();
+    };
+    let mut parts = parts.into_iter();
+    let found: i64 = parts
+        .next()
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .unwrap_or(0);
+    if found != 1 {
+        return ClusterRecovery::default();
+    }
+    let (Some(s), Some(origin), Some(_seen), Some(entries)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return ClusterRecovery::default();
+    };
+    let (Ok(s), Ok(origin), Ok(entries)) = (
+        redis::from_redis_value::<u64>(s),
+        redis::from_redis_value::<String>(origin),
+        redis::from_redis_value::<Vec<Vec<u8>>>(entries),
+    ) else {
+        return ClusterRecovery::default();
+    };
+    recovery_from_log(s, &origin, &entries)
+}
+
+/// One parsed cluster log entry.
+#[derive(Debug, PartialEq)]
+struct LogEntry<'a> {
+    seq: u64,
+    origin: &'a str,
+    seen: u64,
+    id: &'a str,
+    event: &'a [u8],
+}
+
+impl LogEntry<'_> {
+    fn is_gap(&self) -> bool {
+        self.origin == GAP_ORIGIN
+    }
+}
+
+/// Splits `"<seq> <origin> <seen> <id> <event>"`.
+fn parse_entry(raw: &[u8]) -> Option<LogEntry<'_>> {
+    let mut rest = raw;
+    let mut field = || {
+        let i = rest.iter().position(|b| *b == b' ')?;
+        let f = std::str::from_utf8(&rest[..i]).ok()?;
+        rest = &rest[i + 1..];
+        Some(f)
+    };
+    let seq = field()?.parse().ok()?;
+    let origin = field()?;
+    let seen = field()?.parse().ok()?;
+    let id = field()?;
+    Some(LogEntry {
+        seq,
+        origin,
+        seen,
+        id,
+        event: rest,
+    })
+}
+
+/// The events of log `entries` (from `seen(X) + 1` on) that a client whose last event
+/// was X (number `s`, from `origin`, with `seen`) may have missed: those after X, and
+/// those of other origins before it (X's node delivered them after X). Recalled events
+/// are taken out. Not recovered when an entry is unreadable or a gap lies in the range.
+fn recovery_from_log(s: u64, origin: &str, raw: &[Vec<u8>]) -> ClusterRecovery {
+    let not = ClusterRecovery::default();
+    let mut events = Vec::new();
+    for raw in raw {
+        let Some(entry) = parse_entry(raw) else {
+            return not;
+        };
+        if entry.is_gap() {
+            return not;
+        }
+        if entry.seq == s || (entry.seq < s && entry.origin == origin) {
+            continue;
+        }
+        match rmp_serde::from_slice::<Event>(entry.event) {
+            Ok(e) => events.push(e),
+            Err(_) => return not,
+        }
+    }
+    let recalled: HashSet<String> = events
+        .iter()
+        .filter_map(|e| match &e.body {
+            crate::protocol::EventBody::Recall { target } => Some(target.clone()),
+            _ => None,
+        })
+        .collect();
+    events.retain(|e| !recalled.contains(&e.id));
+    ClusterRecovery {
+        events,
+        recovered: true,
+    }
+}
 
 pub fn presence_key(room: &RoomId) -> String {
     format!("danmaku:presence:{room}")
@@ -112,13 +295,22 @@ struct EnvelopeOut<'a> {
     events: &'a [Arc<Event>],
 }
 
-/// An envelope waiting for the publisher.
-struct Outgoing {
-    channel: String,
-    payload: Bytes,
-    /// The history-list append of the same window (none when nothing is kept).
-    history: Option<redis::Cmd>,
-    queued: Instant,
+/// What the publisher sends, in order.
+enum Outgoing {
+    /// One window of one room: logged and published by [`LOG_APPEND`].
+    Window {
+        room: RoomId,
+        envelope: Bytes,
+        /// Per event: id, `seen`, encoding.
+        events: Vec<(String, u64, Vec<u8>)>,
+        queued: Instant,
+    },
+    /// A `join` with `since`: answered by [`LOG_RECOVER`] after the windows before it.
+    Recover {
+        room: RoomId,
+        since: String,
+        reply: tokio::sync::oneshot::Sender<Option<Value>>,
+    },
 }
 
 /// This process's name in presence: the node id, its start time and a random part, so
@@ -215,22 +407,27 @@ pub struct RedisBackplane {
     subscribed_up: AtomicBool,
     /// Live nodes (this one included) at the last presence sync.
     live_nodes: AtomicUsize,
-    /// Events per room kept in the Redis history list (`room.history_len`).
-    history_len: usize,
-    /// How long a room's history list outlives its last event (`room.idle_ttl_s`).
-    history_ttl: Duration,
+    /// Entries per room kept in the cluster log (`max(history_len, recovery_len)`).
+    log_len: usize,
+    /// `room.recovery_len > 0`: a `since` may be answered from the log.
+    recovery: bool,
+    /// How long a room's log outlives its last event (`room.idle_ttl_s`).
+    log_ttl: Duration,
+    /// Rooms with a window this node could not log: a gap entry goes first.
+    gapped: std::sync::Mutex<HashSet<RoomId>>,
 }
 
 impl RedisBackplane {
-    /// `history_len` events per room are kept in Redis for other nodes' joiners, for
-    /// `history_ttl` after the room's last event.
+    /// `log_len` entries per room are kept in the cluster log, for `log_ttl` after the
+    /// room's last event; `recovery` says whether a `since` may be answered from it.
     pub fn new(
         node: Arc<str>,
         cfg: RedisConfig,
         presence_cfg: PresenceConfig,
         link: Arc<RedisLink>,
-        history_len: usize,
-        history_ttl: Duration,
+        log_len: usize,
+        recovery: bool,
+        log_ttl: Duration,
     ) -> Arc<Self> {
         let (outbox, outbox_rx) = flume::bounded(cfg.publish_queue);
         let (interest, interest_rx) = flume::bounded(65_536);
@@ -247,34 +444,52 @@ impl RedisBackplane {
             remote: DashMap::new(),
             subscribed_up: AtomicBool::new(false),
             live_nodes: AtomicUsize::new(1),
-            history_len,
-            history_ttl,
+            log_len: log_len.max(1),
+            recovery,
+            log_ttl,
+            gapped: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
-    /// The EVAL that appends the window's history events of `room` (the last
-    /// `history_len` of them), if any.
-    fn history_append(&self, room: &RoomId, events: &[Arc<Event>]) -> Option<redis::Cmd> {
-        let keep = self.history_len;
-        let kept: Vec<&Arc<Event>> = events.iter().filter(|e| e.body.in_history()).collect();
-        if keep == 0 || kept.is_empty() {
-            return None;
-        }
+    /// The [`LOG_APPEND`] call for a window (or, with no events, a gap entry alone).
+    fn append_cmd(
+        &self,
+        room: &RoomId,
+        gap: bool,
+        envelope: &[u8],
+        events: &[(String, u64, Vec<u8>)],
+        publish_cmd: &str,
+    ) -> redis::Cmd {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(HISTORY_APPEND)
-            .arg(1)
-            .arg(history_key(room))
-            .arg(keep)
-            .arg(self.history_ttl.as_millis() as u64);
-        for e in &kept[kept.len().saturating_sub(keep)..] {
-            match rmp_serde::to_vec_named(&***e) {
-                Ok(b) => {
-                    cmd.arg(b);
-                }
-                Err(e) => tracing::error!(error = %e, "encoding a history event"),
-            }
+        cmd.arg(LOG_APPEND)
+            .arg(3)
+            .arg(log_key(room))
+            .arg(log_seq_key(room))
+            .arg(log_index_key(room))
+            .arg(channel(room))
+            .arg(publish_cmd)
+            .arg(envelope)
+            .arg(self.log_len)
+            .arg(self.log_ttl.as_millis() as u64)
+            .arg(&*self.node)
+            .arg(if gap { "1" } else { "0" });
+        for (id, seen, bytes) in events {
+            cmd.arg(id).arg(*seen).arg(bytes.as_slice());
         }
-        Some(cmd)
+        cmd
+    }
+
+    /// Notes that a window of `room` was not logged: its next append starts with a gap.
+    fn gap(&self, room: &RoomId) {
+        self.gapped
+            .lock()
+            .expect("gapped lock")
+            .insert(room.clone());
+    }
+
+    /// Takes the note of a gap in `room`, if any.
+    fn take_gap(&self, room: &RoomId) -> bool {
+        self.gapped.lock().expect("gapped lock").remove(room)
     }
 
     /// Live gateway nodes (at least this one), as of the last presence sync.
@@ -291,10 +506,16 @@ impl RedisBackplane {
 
     async fn publisher(self: Arc<Self>, cancel: CancellationToken) {
         let mut batch: Vec<Outgoing> = Vec::with_capacity(PIPELINE);
+        let mut gaps = tokio::time::interval(Duration::from_secs(1));
+        gaps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return,
                 m = self.outbox_rx.recv_async() => match m { Ok(m) => m, Err(_) => return },
+                _ = gaps.tick() => {
+                    self.write_gaps().await;
+                    continue;
+                }
             };
             batch.push(first);
             self.refill(&mut batch);
@@ -315,37 +536,147 @@ impl RedisBackplane {
             if batch.is_empty() {
                 continue;
             }
-            let mut cmds: Vec<redis::Cmd> = Vec::with_capacity(batch.len() * 2);
-            for m in &batch {
-                let mut c = redis::cmd(conn.publish_cmd());
-                c.arg(&m.channel).arg(m.payload.as_ref());
-                cmds.push(c);
-                cmds.extend(m.history.clone());
-            }
-            match conn.run_all(&cmds).await {
-                Ok(_) => ::metrics::counter!(PUBLISHED).increment(batch.len() as u64),
-                Err(e) => {
-                    tracing::debug!(error = %e, "publish failed");
-                    ::metrics::counter!(ERRORS, "op" => "publish").increment(1);
-                    ::metrics::counter!(DROPPED).increment(batch.len() as u64);
-                    self.link.report_failure();
-                }
-            }
-            batch.clear();
+            self.send(&mut conn, &mut batch).await;
         }
     }
 
-    /// Drops (and counts) envelopes of `batch` queued more than [`STALE_AFTER`] ago, then
-    /// tops it up to a pipeline from the queue, dropping stale ones on the way.
+    /// Sends one pipeline: each room's windows and recoveries in queue order.
+    async fn send(&self, conn: &mut Conn, batch: &mut Vec<Outgoing>) {
+        let mut groups: Vec<Vec<redis::Cmd>> = Vec::new();
+        let mut group_of: HashMap<RoomId, usize> = HashMap::new();
+        // Per item, where its reply lands: (group, index in group).
+        let mut slots = Vec::with_capacity(batch.len());
+        let publish_cmd = conn.publish_cmd();
+        for m in batch.iter() {
+            let (room, cmd) = match m {
+                Outgoing::Window {
+                    room,
+                    envelope,
+                    events,
+                    ..
+                } => (
+                    room,
+                    self.append_cmd(room, self.take_gap(room), envelope, events, publish_cmd),
+                ),
+                Outgoing::Recover { room, since, .. } => (
+                    room,
+                    redis::cmd("EVAL")
+                        .arg(LOG_RECOVER)
+                        .arg(2)
+                        .arg(log_key(room))
+                        .arg(log_index_key(room))
+                        .arg(since)
+                        .to_owned(),
+                ),
+            };
+            let g = *group_of.entry(room.clone()).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            slots.push((g, groups[g].len()));
+            groups[g].push(cmd);
+        }
+        let result = conn.run_groups(&groups).await;
+        // Replies come back flattened in group order.
+        let mut offsets = Vec::with_capacity(groups.len());
+        let mut at = 0;
+        for g in &groups {
+            offsets.push(at);
+            at += g.len();
+        }
+        let windows = batch
+            .iter()
+            .filter(|m| matches!(m, Outgoing::Window { .. }))
+            .count() as u64;
+        match result {
+            Ok(mut replies) => {
+                ::metrics::counter!(PUBLISHED).increment(windows);
+                for (m, (g, i)) in batch.drain(..).zip(slots) {
+                    if let Outgoing::Recover { reply, .. } = m {
+                        let v = std::mem::replace(&mut replies[offsets[g] + i], Value::Nil);
+                        let _ = reply.send(Some(v));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "publish failed");
+                ::metrics::counter!(ERRORS, "op" => "publish").increment(1);
+                ::metrics::counter!(DROPPED).increment(windows);
+                self.link.report_failure();
+                for m in batch.drain(..) {
+                    match m {
+                        // Perhaps logged, perhaps not: a gap either way.
+                        Outgoing::Window { room, .. } => self.gap(&room),
+                        Outgoing::Recover { reply, .. } => {
+                            let _ = reply.send(None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends the gap entries noted for rooms that have sent no window since.
+    async fn write_gaps(&self) {
+        let rooms: Vec<RoomId> = {
+            let gapped = self.gapped.lock().expect("gapped lock");
+            if gapped.is_empty() {
+                return;
+            }
+            gapped.iter().cloned().collect()
+        };
+        let Some(mut conn) = self.link.conn() else {
+            return;
+        };
+        let publish_cmd = conn.publish_cmd();
+        let mut written = Vec::new();
+        for room in rooms {
+            if self.take_gap(&room) {
+                written.push(room);
+            }
+        }
+        let groups: Vec<Vec<redis::Cmd>> = written
+            .iter()
+            .map(|room| vec![self.append_cmd(room, true, &[], &[], publish_cmd)])
+            .collect();
+        if let Err(e) = conn.run_groups(&groups).await {
+            tracing::debug!(error = %e, "writing gap entries failed");
+            ::metrics::counter!(ERRORS, "op" => "publish").increment(1);
+            self.link.report_failure();
+            for room in &written {
+                self.gap(room);
+            }
+        }
+    }
+
+    /// Drops (and counts) windows of `batch` queued more than [`STALE_AFTER`] ago, then
+    /// tops it up to a pipeline from the queue, dropping stale ones on the way. A
+    /// recovery is never dropped: it waits for Redis like a client's join.
     fn refill(&self, batch: &mut Vec<Outgoing>) {
         let now = Instant::now();
-        let stale = |m: &Outgoing| now.saturating_duration_since(m.queued) >= STALE_AFTER;
-        let before = batch.len();
-        batch.retain(|m| !stale(m));
-        let mut dropped = before - batch.len();
+        let stale = |m: &Outgoing| match m {
+            Outgoing::Window { queued, .. } => {
+                now.saturating_duration_since(*queued) >= STALE_AFTER
+            }
+            Outgoing::Recover { .. } => false,
+        };
+        let mut dropped = 0usize;
+        let mut keep = Vec::with_capacity(batch.len());
+        for m in batch.drain(..) {
+            if stale(&m) {
+                dropped += 1;
+                self.drop_window(m);
+            } else {
+                keep.push(m);
+            }
+        }
+        *batch = keep;
         while batch.len() < PIPELINE {
             match self.outbox_rx.try_recv() {
-                Ok(m) if stale(&m) => dropped += 1,
+                Ok(m) if stale(&m) => {
+                    dropped += 1;
+                    self.drop_window(m);
+                }
                 Ok(m) => batch.push(m),
                 Err(_) => break,
             }
@@ -353,6 +684,12 @@ impl RedisBackplane {
         if dropped > 0 {
             tracing::debug!(dropped, "dropped stale backplane envelopes");
             ::metrics::counter!(DROPPED).increment(dropped as u64);
+        }
+    }
+
+    fn drop_window(&self, m: Outgoing) {
+        if let Outgoing::Window { room, .. } = m {
+            self.gap(&room);
         }
     }
 
@@ -526,10 +863,23 @@ impl RedisBackplane {
     }
 
     fn on_message(&self, hub: &Hub, data: Vec<Value>) {
-        let Some(Value::BulkString(payload)) = data.into_iter().nth(1) else {
+        let Some(Value::BulkString(message)) = data.into_iter().nth(1) else {
             return;
         };
-        let env: Envelope<'_> = match rmp_serde::from_slice(&payload) {
+        // "<first log number> <envelope>"
+        let split = message.iter().position(|b| *b == b' ');
+        let Some((first_seq, payload)) = split.and_then(|i| {
+            let seq = std::str::from_utf8(&message[..i])
+                .ok()?
+                .parse::<u64>()
+                .ok()?;
+            Some((seq, &message[i + 1..]))
+        }) else {
+            tracing::warn!("backplane message without its log number");
+            ::metrics::counter!(ERRORS, "op" => "decode").increment(1);
+            return;
+        };
+        let env: Envelope<'_> = match rmp_serde::from_slice(payload) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable backplane envelope");
@@ -545,7 +895,7 @@ impl RedisBackplane {
         };
         ::metrics::counter!(RECEIVED).increment(1);
         ::metrics::histogram!(LAG).record(now_ms().saturating_sub(env.ts) as f64 / 1000.0);
-        hub.inject(&room, env.events);
+        hub.inject(&room, env.events, Some(first_seq));
     }
 
     async fn presence(self: Arc<Self>, hub: Hub, cancel: CancellationToken) {
@@ -743,28 +1093,39 @@ fn disconnected() -> redis::RedisError {
 
 #[async_trait::async_trait]
 impl Backplane for RedisBackplane {
-    fn publish(&self, room: &RoomId, events: &[Arc<Event>]) {
+    fn publish(&self, room: &RoomId, events: &[Arc<Event>], seen: &[u64]) {
         let env = EnvelopeOut {
             origin: &self.node,
             room: room.as_str(),
             ts: now_ms(),
             events,
         };
-        let payload = match rmp_serde::to_vec_named(&env) {
+        let envelope = match rmp_serde::to_vec_named(&env) {
             Ok(p) => Bytes::from(p),
             Err(e) => {
                 tracing::error!(error = %e, "encoding backplane envelope");
                 return;
             }
         };
-        let out = Outgoing {
-            channel: channel(room),
-            payload,
-            history: self.history_append(room, events),
+        let mut logged = Vec::with_capacity(events.len());
+        for (e, seen) in events.iter().zip(seen) {
+            match rmp_serde::to_vec_named(&**e) {
+                Ok(b) => logged.push((e.id.clone(), *seen, b)),
+                Err(err) => {
+                    tracing::error!(error = %err, "encoding a logged event");
+                    return;
+                }
+            }
+        }
+        let out = Outgoing::Window {
+            room: room.clone(),
+            envelope,
+            events: logged,
             queued: Instant::now(),
         };
         if self.outbox.try_send(out).is_err() {
             ::metrics::counter!(DROPPED).increment(1);
+            self.gap(room);
         }
     }
 
@@ -785,7 +1146,7 @@ impl Backplane for RedisBackplane {
             return Vec::new();
         };
         let cmd = redis::cmd("LRANGE")
-            .arg(history_key(room))
+            .arg(log_key(room))
             .arg(-(n as i64))
             .arg(-1)
             .to_owned();
@@ -798,8 +1159,33 @@ impl Backplane for RedisBackplane {
             }
         };
         raw.iter()
-            .filter_map(|b| rmp_serde::from_slice::<Event>(b).ok())
+            .filter_map(|b| parse_entry(b))
+            .filter(|e| !e.is_gap())
+            .filter_map(|e| rmp_serde::from_slice::<Event>(e.event).ok())
             .collect()
+    }
+
+    async fn recover(&self, room: &RoomId, since: &str) -> Option<ClusterRecovery> {
+        if !self.recovery {
+            return Some(ClusterRecovery::default());
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ask = Outgoing::Recover {
+            room: room.clone(),
+            since: since.to_owned(),
+            reply,
+        };
+        if self.outbox.try_send(ask).is_err() {
+            return Some(ClusterRecovery::default());
+        }
+        let answer = match tokio::time::timeout(RECOVER_WAIT, answer).await {
+            Ok(Ok(Some(v))) => v,
+            _ => {
+                ::metrics::counter!(ERRORS, "op" => "recover").increment(1);
+                return Some(ClusterRecovery::default());
+            }
+        };
+        Some(parse_recover_reply(answer))
     }
 
     async fn online_elsewhere(&self, room: &RoomId) -> u64 {
@@ -839,6 +1225,87 @@ impl Backplane for RedisBackplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::EventBody;
+
+    fn entry(seq: u64, origin: &str, seen: u64, event: &Event) -> Vec<u8> {
+        let mut raw = format!("{seq} {origin} {seen} {} ", event.id).into_bytes();
+        raw.extend(rmp_serde::to_vec_named(event).unwrap());
+        raw
+    }
+
+    fn system(id: &str) -> Event {
+        Event {
+            id: id.into(),
+            ts: 1,
+            body: EventBody::System {
+                text: format!("text with spaces {id}"),
+                data: None,
+            },
+        }
+    }
+
+    fn ids(r: &ClusterRecovery) -> Vec<&str> {
+        r.events.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn log_entries_parse_with_any_bytes_after_the_id() {
+        let e = system("n-1-2");
+        let raw = entry(7, "node-a", 3, &e);
+        let parsed = parse_entry(&raw).unwrap();
+        assert_eq!(
+            (parsed.seq, parsed.origin, parsed.seen, parsed.id),
+            (7, "node-a", 3, "n-1-2")
+        );
+        assert_eq!(rmp_serde::from_slice::<Event>(parsed.event).unwrap(), e);
+        assert!(parse_entry(b"12 ! 0 ! ").unwrap().is_gap());
+        assert!(parse_entry(b"x a 0 id ").is_none());
+        assert!(parse_entry(b"12 a").is_none());
+    }
+
+    /// X (number 10, from A, seen 7): the answer is everything after X, and what other
+    /// origins logged between A's `seen` and X (A delivered those after X); A's own
+    /// earlier events (A delivered them before X) are not sent again.
+    #[test]
+    fn a_recovery_takes_what_followed_and_what_x_s_node_had_not_yet_seen() {
+        let raw = vec![
+            entry(8, "b", 2, &system("b8")),
+            entry(9, "a", 7, &system("a9")),
+            entry(10, "a", 7, &system("x")),
+            entry(11, "b", 9, &system("b11")),
+            entry(12, "a", 11, &system("a12")),
+        ];
+        let r = recovery_from_log(10, "a", &raw);
+        assert!(r.recovered);
+        assert_eq!(ids(&r), ["b8", "b11", "a12"]);
+
+        // A gap anywhere in the range: no recovery.
+        let mut gapped = raw.clone();
+        gapped.insert(4, b"12 ! 0 ! ".to_vec());
+        assert!(!recovery_from_log(10, "a", &gapped).recovered);
+        // An entry that does not read: no recovery.
+        let mut broken = raw.clone();
+        broken.push(b"13 a 12 id \xc1\xc1".to_vec());
+        assert!(!recovery_from_log(10, "a", &broken).recovered);
+    }
+
+    #[test]
+    fn a_recall_in_the_answer_takes_its_target_out() {
+        let recall = Event {
+            id: "r".into(),
+            ts: 2,
+            body: EventBody::Recall {
+                target: "b11".into(),
+            },
+        };
+        let raw = vec![
+            entry(10, "a", 9, &system("x")),
+            entry(11, "b", 9, &system("b11")),
+            entry(12, "b", 10, &recall),
+        ];
+        let r = recovery_from_log(10, "a", &raw);
+        assert_eq!((r.recovered, ids(&r)), (true, vec!["r"]));
+    }
 
     fn fields(pairs: &[(&str, u64)]) -> HashMap<String, u64> {
         pairs.iter().map(|(f, n)| (f.to_string(), *n)).collect()

@@ -158,18 +158,20 @@ impl Hub {
             st.grabs_in_window = 0;
             st.gifts_in_window = 0;
             let events: Vec<Arc<Event>> = st.pending.drain(..).map(Arc::new).collect();
-            let local: Vec<Arc<Event>> = events
-                .iter()
-                .zip(st.local.drain(..))
+            let (mut local, mut seen) = (Vec::new(), Vec::new());
+            for (e, origin) in events.iter().zip(st.local.drain(..)) {
                 // Presence is each node's own view of the room; never forwarded.
-                .filter(|(e, local)| *local && !matches!(e.body, EventBody::Presence { .. }))
-                .map(|(e, _)| Arc::clone(e))
-                .collect();
-            if !local.is_empty() {
-                self.0.backplane.publish(&room.id, &local);
+                if let Some(s) = origin.filter(|_| !matches!(e.body, EventBody::Presence { .. })) {
+                    local.push(Arc::clone(e));
+                    seen.push(s);
+                }
             }
+            if !local.is_empty() {
+                self.0.backplane.publish(&room.id, &local, &seen);
+            }
+            let batch_no = st.flushed + 1;
             for e in events.iter().filter(|e| e.body.in_history()) {
-                st.log.push(Arc::clone(e));
+                st.log.push(Arc::clone(e), batch_no);
             }
             if !events.is_empty() {
                 st.flushed += 1;

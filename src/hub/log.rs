@@ -36,6 +36,8 @@ struct Logged {
     event: Arc<Event>,
     /// Its JSON size, as counted against `max_bytes`.
     bytes: usize,
+    /// The room's batch that delivered it here (0: read from the cluster log).
+    batch: u64,
 }
 
 /// What [`EventLog::since`] answers.
@@ -60,9 +62,9 @@ impl EventLog {
         }
     }
 
-    /// Appends a delivered event, cutting the oldest beyond either bound. A recall also
-    /// takes its target out.
-    pub(super) fn push(&mut self, event: Arc<Event>) {
+    /// Appends an event delivered by the room's batch number `batch`, cutting the oldest
+    /// beyond either bound. A recall also takes its target out.
+    pub(super) fn push(&mut self, event: Arc<Event>, batch: u64) {
         if let EventBody::Recall { target } = &event.body {
             self.recall(target);
         }
@@ -70,7 +72,11 @@ impl EventLog {
             return;
         }
         let bytes = wire::encoded_len(&*event, Format::Json);
-        self.entries.push_back(Logged { event, bytes });
+        self.entries.push_back(Logged {
+            event,
+            bytes,
+            batch,
+        });
         self.bytes += bytes;
         self.trim();
     }
@@ -126,6 +132,20 @@ impl EventLog {
         }
     }
 
+    /// The events delivered by batches numbered after `batch`, oldest first.
+    pub(super) fn after_batch(&self, batch: u64) -> Vec<Arc<Event>> {
+        let start = self
+            .entries
+            .iter()
+            .rposition(|e| e.batch <= batch)
+            .map_or(0, |i| i + 1);
+        self.entries
+            .iter()
+            .skip(start)
+            .map(|e| Arc::clone(&e.event))
+            .collect()
+    }
+
     /// Whether an event with this id is logged.
     #[cfg(test)]
     pub(super) fn contains(&self, id: &str) -> bool {
@@ -137,22 +157,27 @@ impl EventLog {
         self.entries.iter().map(|e| e.event.id.clone()).collect()
     }
 
-    /// Replaces the log by `events` (oldest first), within the bounds.
-    pub(super) fn replace(&mut self, events: Vec<Arc<Event>>) {
+    /// Replaces the log by `events` (oldest first, each with the batch that delivered
+    /// it here), within the bounds.
+    pub(super) fn replace(&mut self, events: Vec<(Arc<Event>, u64)>) {
         self.entries.clear();
         self.bytes = 0;
-        for event in events {
+        for (event, batch) in events {
             let bytes = wire::encoded_len(&*event, Format::Json);
-            self.entries.push_back(Logged { event, bytes });
+            self.entries.push_back(Logged {
+                event,
+                bytes,
+                batch,
+            });
             self.bytes += bytes;
         }
         self.trim();
     }
 
-    /// Takes every event out, oldest first.
-    pub(super) fn drain(&mut self) -> Vec<Arc<Event>> {
+    /// Takes every event out, oldest first, with the batch that delivered it here.
+    pub(super) fn drain(&mut self) -> Vec<(Arc<Event>, u64)> {
         self.bytes = 0;
-        self.entries.drain(..).map(|e| e.event).collect()
+        self.entries.drain(..).map(|e| (e.event, e.batch)).collect()
     }
 
     #[cfg(test)]
@@ -197,7 +222,7 @@ mod tests {
     fn since_answers_what_followed_or_the_history_when_it_is_gone() {
         let mut log = EventLog::new(bounds(2, 4, 1 << 20));
         for id in ["a", "b", "c", "d", "e"] {
-            log.push(system(id, 1));
+            log.push(system(id, 1), 1);
         }
         // "a" fell off the count bound: not recoverable.
         let r = log.since("a", 1);
@@ -215,7 +240,7 @@ mod tests {
         let one = wire::encoded_len(&*system("a", 1000), Format::Json);
         let mut log = EventLog::new(bounds(100, 100, one * 3));
         for id in ["a", "b", "c", "d"] {
-            log.push(system(id, 1000));
+            log.push(system(id, 1000), 1);
         }
         assert_eq!((log.len(), log.bytes()), (3, one * 3));
         assert!(!log.since("a", 0).recovered);
@@ -224,20 +249,32 @@ mod tests {
             ts: 2,
             body: EventBody::Recall { target: "c".into() },
         });
-        log.push(recall);
+        log.push(recall, 1);
         let r = log.since("b", 0);
         assert_eq!((ids(&r.events), r.recovered), (vec!["d", "r"], true));
         assert!(!log.contains("c"));
         // An event larger than the bound alone is still kept (the newest always is).
-        log.push(system("big", 10 * one));
+        log.push(system("big", 10 * one), 1);
         assert_eq!(ids(&log.recent(10)), ["big"]);
+    }
+
+    #[test]
+    fn after_batch_lists_what_later_batches_delivered() {
+        let mut log = EventLog::new(bounds(10, 10, 1 << 20));
+        log.push(system("a", 1), 1);
+        log.push(system("b", 1), 2);
+        log.push(system("c", 1), 2);
+        log.push(system("d", 1), 3);
+        assert_eq!(ids(&log.after_batch(1)), ["b", "c", "d"]);
+        assert_eq!(ids(&log.after_batch(3)), Vec::<&str>::new());
+        assert_eq!(ids(&log.after_batch(0)), ["a", "b", "c", "d"]);
     }
 
     #[test]
     fn recovery_off_never_recovers() {
         let mut log = EventLog::new(bounds(10, 0, 1 << 20));
-        log.push(system("a", 1));
-        log.push(system("b", 1));
+        log.push(system("a", 1), 1);
+        log.push(system("b", 1), 1);
         let r = log.since("a", 5);
         assert_eq!((ids(&r.events), r.recovered), (vec!["a", "b"], false));
     }

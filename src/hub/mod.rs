@@ -23,11 +23,14 @@
 //!   frame (chat, presence) or marks the connection to be closed with 4010.
 //! - Flushers wait on shards (bounded channels, backpressure), shards never wait on
 //!   anything but their own inbox, so there is no cycle to deadlock on.
-//! - **Joining** is done by the member's shard: it reads the history under the room lock
-//!   and remembers the room's batch sequence number at that instant, then skips batches
-//!   numbered at or below it. A batch flushed while the join was in flight is thus in
-//!   `joined.history` or in the member's first `batch`, never in both and never in
-//!   neither.
+//! - **Joining** is done by the member's shard: it reads the room's event log ([`log`])
+//!   under the room lock and remembers the room's batch sequence number at that instant,
+//!   then skips batches numbered at or below it. A batch flushed while the join was in
+//!   flight is thus in `joined.history` or in the member's first `batch`, never in both
+//!   and never in neither.
+//! - **Recovery** (`join` with `since`): on one node the answer is what follows `since`
+//!   in the room's log; in a cluster it comes from the cluster log
+//!   ([`Backplane::recover`]) plus what this node delivered while that was read.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
@@ -59,7 +62,7 @@ pub use window::Batch;
 
 use log::{EventLog, LogBounds};
 use room::{Room, RoomState, chat_weight};
-use shard::{ShardCmd, shard_loop};
+use shard::{Ask, ShardCmd, shard_loop};
 
 /// Capacity of each shard's inbox; joins wait when it is full (backpressure on storms).
 const SHARD_INBOX: usize = 8192;
@@ -126,15 +129,7 @@ impl Hub {
         let id_prefix = format!("{node}-{:x}", now_ms()).into();
         let log_bounds = LogBounds {
             history_len: cfg.history_len,
-            // A node's log holds what *it* delivered, in its order. In a cluster a client
-            // reconnecting here may have been served by another node, in another order,
-            // so this log cannot prove such a client missed nothing: recovery there
-            // needs the cluster's log, and until then every `since` answers false.
-            recovery_len: if backplane.kind() == crate::backplane::Local.kind() {
-                cfg.recovery_len
-            } else {
-                0
-            },
+            recovery_len: cfg.recovery_len,
             max_bytes: cfg.recovery_max_bytes,
         };
         let hub = Hub(Arc::new(Inner {
@@ -187,6 +182,7 @@ impl Hub {
                 state: Mutex::new(RoomState {
                     pending: Vec::new(),
                     local: Vec::new(),
+                    remote_seq: 0,
                     log: EventLog::new(self.0.log_bounds),
                     dirty: false,
                     next_flush: None,
@@ -235,30 +231,48 @@ impl Hub {
             entry.per_shard[shard].fetch_add(1, Ordering::AcqRel);
             (Arc::clone(&entry), prev == 0)
         };
+        // The batch this node had delivered before the cluster log is read: what it
+        // delivers after goes into the answer too (see [`shard::Ask::Cluster`]).
+        let after = r.state.lock().expect("room lock").flushed;
+        let bp = &self.0.backplane;
+        let recover = async {
+            match &since {
+                Some(s) => bp.recover(room, s).await,
+                None => None,
+            }
+        };
         // Everything that waits on the backplane happens before the shard registers the
         // member: from then on its batches may be written, and `joined` must come first.
-        let remote = if first {
+        let (remote, cluster) = if first {
             // Subscribe first, then read what the other nodes published before.
-            self.0.backplane.interest(room);
-            let bp = &self.0.backplane;
-            let (earlier, remote) = tokio::join!(
+            bp.interest(room);
+            let (earlier, remote, cluster) = tokio::join!(
                 bp.recent(room, self.0.cfg.history_len),
-                bp.online_elsewhere(room)
+                bp.online_elsewhere(room),
+                recover
             );
             if !earlier.is_empty() {
                 r.state.lock().expect("room lock").seed_history(earlier);
             }
-            remote
+            (remote, cluster)
         } else {
-            self.0.backplane.remote_online(room)
+            (bp.remote_online(room), recover.await)
+        };
+        let ask = match (since, cluster) {
+            (None, _) => Ask::Recent(history),
+            (Some(since), None) => Ask::Since(since, history),
+            (Some(_), Some(c)) if c.recovered => Ask::Cluster {
+                events: c.events.into_iter().map(Arc::new).collect(),
+                after,
+            },
+            (Some(_), Some(_)) => Ask::Missed(history),
         };
         let (done, registered) = oneshot::channel();
         let sent = self.0.shards[shard]
             .send_async(ShardCmd::Join {
                 room: Arc::clone(&r),
                 conn: Arc::clone(conn),
-                history,
-                since,
+                ask,
                 done,
             })
             .await;
@@ -316,12 +330,22 @@ impl Hub {
 
     /// What followed `since` in `room`, for a member joining again: like a join's answer,
     /// but the member already receives the room's batches.
-    pub fn recover(&self, room: &RoomId, since: &str, n: usize) -> Recovery {
-        let answer = match self.0.rooms.get(room).map(|r| Arc::clone(&r)) {
-            Some(r) => r.state.lock().expect("room lock").log.since(since, n),
-            None => Recovery {
-                events: Vec::new(),
+    pub async fn recover(&self, room: &RoomId, since: &str, n: usize) -> Recovery {
+        let answer = match self.0.backplane.recover(room, since).await {
+            Some(c) if c.recovered => Recovery {
+                events: c.events.into_iter().map(Arc::new).collect(),
+                recovered: true,
+            },
+            Some(_) => Recovery {
+                events: self.history(room, n),
                 recovered: false,
+            },
+            None => match self.0.rooms.get(room).map(|r| Arc::clone(&r)) {
+                Some(r) => r.state.lock().expect("room lock").log.since(since, n),
+                None => Recovery {
+                    events: Vec::new(),
+                    recovered: false,
+                },
             },
         };
         metrics::recovery(answer.recovered);
@@ -458,21 +482,27 @@ impl Hub {
             return Ok(id);
         }
         st.pending.push(event);
-        st.local.push(true);
+        let seen = st.remote_seq;
+        st.local.push(Some(seen));
         self.mark_dirty(&r, st);
         metrics::event(kind);
         Ok(id)
     }
 
     /// Queues events that another node published (already merged and budgeted there).
-    pub fn inject(&self, room: &RoomId, events: Vec<Event>) {
+    /// `first_seq`: the cluster log number of the first (the rest follow it).
+    pub fn inject(&self, room: &RoomId, events: Vec<Event>, first_seq: Option<u64>) {
         let r = Arc::clone(&self.room_or_create(room));
         let mut st = r.state.lock().expect("room lock");
         if st.removed {
             drop(st);
-            return self.inject(room, events);
+            return self.inject(room, events, first_seq);
         }
         st.last_active = Instant::now();
+        if let (Some(first), Some(n)) = (first_seq, events.len().checked_sub(1)) {
+            // The latest, not the highest: a Redis that lost its data numbers anew.
+            st.remote_seq = first + n as u64;
+        }
         for e in events {
             if !st.seeded.is_empty() && st.seeded.remove(&e.id) {
                 continue;
@@ -484,7 +514,7 @@ impl Hub {
                 continue;
             }
             st.pending.push(e);
-            st.local.push(false);
+            st.local.push(None);
         }
         self.mark_dirty(&r, st);
     }
@@ -576,15 +606,15 @@ mod tests {
         );
         let room = RoomId::parse("r").unwrap();
         // "pending" arrived live and waits for its window; "old" was flushed earlier.
-        hub.inject(&room, vec![system("old", 1)]);
+        hub.inject(&room, vec![system("old", 1)], None);
         let r = Arc::clone(&hub.room_or_create(&room));
         {
             let mut st = r.state.lock().unwrap();
             let e = Arc::new(st.pending.remove(0));
             st.local.remove(0);
-            st.log.push(e);
+            st.log.push(e, 1);
         }
-        hub.inject(&room, vec![system("pending", 3)]);
+        hub.inject(&room, vec![system("pending", 3)], None);
         let earlier = vec![system("older", 0), system("old", 1), system("pending", 3)];
         r.state.lock().unwrap().seed_history(earlier);
         let ids = |st: &RoomState| -> Vec<String> {
@@ -592,7 +622,7 @@ mod tests {
         };
         assert_eq!(ids(&r.state.lock().unwrap()), ["older", "old"]);
         // "older" arriving live again (the subscription raced the read) is dropped.
-        hub.inject(&room, vec![system("older", 0), system("new", 4)]);
+        hub.inject(&room, vec![system("older", 0), system("new", 4)], None);
         let pending: Vec<String> = r
             .state
             .lock()

@@ -27,9 +27,12 @@ pub(super) struct Room {
 pub(super) struct RoomState {
     /// Events of the current window, in arrival order.
     pub(super) pending: Vec<Event>,
-    /// Per pending event: whether it originated on this node (and so is published to
-    /// the backplane) or arrived from another node.
-    pub(super) local: Vec<bool>,
+    /// Per pending event: None when it arrived from another node; for one that
+    /// originated here (and so is published to the backplane), `remote_seq` when it was
+    /// taken: how far into the cluster log this node had got before it.
+    pub(super) local: Vec<Option<u64>>,
+    /// Cluster log number of the last event taken from another node.
+    pub(super) remote_seq: u64,
     /// Recent non-presence events, oldest first: the history and the recovery log.
     pub(super) log: EventLog,
     /// Whether the current window holds events not yet flushed: the room is then on its
@@ -77,33 +80,33 @@ impl RoomState {
         let mut seen: std::collections::HashSet<String> =
             self.pending.iter().map(|e| e.id.clone()).collect();
         let local = self.log.ids();
-        let mut merged: Vec<Arc<Event>> = Vec::with_capacity(earlier.len() + local.len());
+        let mut merged: Vec<(Arc<Event>, u64)> = Vec::with_capacity(earlier.len() + local.len());
         self.seeded.clear();
         for e in earlier {
             if seen.insert(e.id.clone()) {
                 if !local.contains(&e.id) {
                     self.seeded.insert(e.id.clone());
                 }
-                merged.push(Arc::new(e));
+                merged.push((Arc::new(e), 0));
             }
         }
-        for e in self.log.drain() {
+        for (e, batch) in self.log.drain() {
             if seen.insert(e.id.clone()) {
-                merged.push(e);
+                merged.push((e, batch));
             }
         }
         // Stable: events of one millisecond keep the cluster's order, then this node's.
-        merged.sort_by_key(|e| e.ts);
+        merged.sort_by_key(|(e, _)| e.ts);
         // A recall in the cluster's list takes back what it names, as it did live.
         let recalled: std::collections::HashSet<String> = merged
             .iter()
-            .filter_map(|e| match &e.body {
+            .filter_map(|(e, _)| match &e.body {
                 EventBody::Recall { target } => Some(target.clone()),
                 _ => None,
             })
             .collect();
         if !recalled.is_empty() {
-            merged.retain(|e| !recalled.contains(&e.id));
+            merged.retain(|(e, _)| !recalled.contains(&e.id));
         }
         self.log.replace(merged);
     }

@@ -4,27 +4,25 @@
 //! ([`Conn::push`]) and queueing only what a socket does not take. A giant room is spread
 //! over every shard, and a window crosses threads once per shard, never per member.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{Conn, ConnId, Push};
-use super::log::Recovery;
+use super::log::{EventLog, Recovery};
 use super::room::Room;
 use super::window::Batch;
 use crate::metrics;
-use crate::protocol::RoomId;
+use crate::protocol::{Event, RoomId};
 
 pub(super) enum ShardCmd {
-    /// Registers `conn` and answers the last `history` events of the room, or with
-    /// `since` what followed that event ([`Recovery`]).
+    /// Registers `conn` and answers what `ask` asks ([`Recovery`]).
     Join {
         room: Arc<Room>,
         conn: Arc<Conn>,
-        history: usize,
-        since: Option<String>,
+        ask: Ask,
         done: oneshot::Sender<Recovery>,
     },
     Leave {
@@ -32,6 +30,44 @@ pub(super) enum ShardCmd {
         conn: ConnId,
     },
     Deliver(Arc<Batch>),
+}
+
+/// What a joining member's `joined.history` holds.
+pub(super) enum Ask {
+    /// The last `n` events.
+    Recent(usize),
+    /// What followed `since` in this node's log, else the last `n` (single node).
+    Since(String, usize),
+    /// Recovered from the cluster log: `events`, and what this node delivered in its
+    /// batches after `after` (read before the cluster log was, so nothing falls between).
+    Cluster { events: Vec<Arc<Event>>, after: u64 },
+    /// The cluster log could not recover: the last `n` events.
+    Missed(usize),
+}
+
+impl Ask {
+    /// The answer, read from the room's log under its lock.
+    fn answer(self, log: &EventLog) -> Recovery {
+        match self {
+            Ask::Recent(n) | Ask::Missed(n) => Recovery {
+                events: log.recent(n),
+                recovered: false,
+            },
+            Ask::Since(since, n) => log.since(&since, n),
+            Ask::Cluster { mut events, after } => {
+                let mut ids: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
+                for e in log.after_batch(after) {
+                    if ids.insert(e.id.clone()) {
+                        events.push(e);
+                    }
+                }
+                Recovery {
+                    events,
+                    recovered: true,
+                }
+            }
+        }
+    }
 }
 
 /// One shard: the local members of its connections, per room.
@@ -49,8 +85,7 @@ pub(super) async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: Cancell
             ShardCmd::Join {
                 room,
                 conn,
-                history,
-                since,
+                ask,
                 done,
             } => {
                 // Under the room lock, so no batch is flushed between reading the log
@@ -58,14 +93,7 @@ pub(super) async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: Cancell
                 // what it lacks comes in the member's next batches.
                 let (recent, seq) = {
                     let st = room.state.lock().expect("room lock");
-                    let answer = match &since {
-                        Some(since) => st.log.since(since, history),
-                        None => Recovery {
-                            events: st.log.recent(history),
-                            recovered: false,
-                        },
-                    };
-                    (answer, st.flushed)
+                    (ask.answer(&st.log), st.flushed)
                 };
                 rooms
                     .entry(room.id.clone())

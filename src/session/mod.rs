@@ -309,7 +309,7 @@ impl Session {
             // Joining again answers `joined` and changes nothing.
             let (events, recovered) = match since {
                 Some(since) => {
-                    let answer = hub.recover(&room, &since, history);
+                    let answer = hub.recover(&room, &since, history).await;
                     (answer.events, Some(answer.recovered))
                 }
                 None => (hub.history(&room, history), None),

@@ -1477,7 +1477,7 @@ impl RedisCluster {
         self.nodes[0].cli(&all)
     }
 
-    /// Moves `slot` (which holds no keys) from master `from` to master `to`, as
+    /// Moves `slot` and its keys from master `from` to master `to`, as
     /// `redis-cli --cluster reshard` would.
     pub fn migrate(&self, slot: u16, from: usize, to: usize) {
         let id = |i: usize| self.nodes[i].cli(&["CLUSTER", "MYID"]);
@@ -1486,6 +1486,12 @@ impl RedisCluster {
         let ok = |out: String| assert_eq!(out, "OK");
         ok(self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]));
         ok(self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]));
+        let keys = self.nodes[from].cli(&["CLUSTER", "GETKEYSINSLOT", &s, "1000"]);
+        let port = self.nodes[to].port.to_string();
+        for key in keys.lines().map(str::trim).filter(|k| !k.is_empty()) {
+            let out = self.nodes[from].cli(&["MIGRATE", "127.0.0.1", &port, key, "0", "5000"]);
+            assert!(out == "OK" || out == "NOKEY", "MIGRATE {key}: {out}");
+        }
         assert_eq!(
             self.nodes[from].cli(&["CLUSTER", "COUNTKEYSINSLOT", &s]),
             "0",

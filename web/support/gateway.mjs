@@ -1,6 +1,7 @@
 // Test support: runs the real gateway binary as a child process with a temp config
 // (free port, temp data dir, known secrets), mints HS256 client tokens, calls the HTTP
-// API. Used by the Node tests (web/test/) and the browser e2e (web/e2e/).
+// API; runs a throwaway redis-server for cluster cases. Used by the Node tests
+// (web/test/) and the browser e2e (web/e2e/).
 
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
@@ -9,6 +10,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import WebSocket from 'ws';
 
 export const SECRET = 'web-test-secret';
 export const API_TOKEN = 'web-test-api-token';
@@ -71,6 +73,10 @@ export async function waitFor(pred, what, timeoutMs = 5000) {
  * @property {boolean} [devTokens=false] `[web] dev_tokens`
  * @property {number} [heartbeatMs=1000] `server.heartbeat_ms`
  * @property {string} [extraToml] appended to the generated config
+ * @property {string} [nodeId='web-test'] `server.node_id` (distinct per node of a cluster)
+ * @property {Record<string, string>} [env] extra environment for the process, e.g.
+ *   `GATEWAY_BACKPLANE=redis` and `GATEWAY_REDIS__URL` for a cluster node (other
+ *   `GATEWAY_*` variables of this process are never passed on)
  */
 
 export class Gateway {
@@ -84,6 +90,8 @@ export class Gateway {
   /** @param {GatewayOptions} opts @param {number} port */
   constructor(opts, port) {
     this.port = port;
+    /** @type {Record<string, string>} */
+    this.env = opts.env ?? {};
     this.dir = mkdtempSync(path.join(os.tmpdir(), 'danmaku-web-test-'));
     this.configPath = path.join(this.dir, 'config.toml');
     /** @type {import('node:child_process').ChildProcess | null} */
@@ -94,7 +102,7 @@ export class Gateway {
       `# written by web/support/gateway.mjs
 [server]
 listen = "127.0.0.1:${port}"
-node_id = "web-test"
+node_id = ${JSON.stringify(opts.nodeId ?? 'web-test')}
 shards = 2
 heartbeat_ms = ${opts.heartbeatMs ?? 1000}
 drain_s = 1
@@ -136,7 +144,7 @@ ${opts.extraToml ?? ''}
     const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('GATEWAY_')));
     const child = spawn(bin, ['--config', this.configPath], {
       cwd: this.dir,
-      env: { ...env, RUST_LOG: process.env.DANMAKU_TEST_LOG ?? 'warn', NO_COLOR: '1' },
+      env: { ...env, ...this.env, RUST_LOG: process.env.DANMAKU_TEST_LOG ?? 'warn', NO_COLOR: '1' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     this.child = child;
@@ -216,6 +224,34 @@ ${opts.extraToml ?? ''}
     return { status: r.status, body: parsed };
   }
 
+  /**
+   * Whether this gateway does recovery on reconnect (protocol v1.1): a `join` naming
+   * `since` is answered with `recovered` (true or false). Asked over a raw socket as an
+   * anonymous viewer.
+   * @returns {Promise<boolean>}
+   */
+  async answersRecovered() {
+    const ws = new WebSocket(this.wsUrl);
+    try {
+      /** @type {any} */
+      const joined = await new Promise((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error('no joined in time')), 5000);
+        ws.on('error', reject);
+        ws.on('message', (data) => {
+          const f = JSON.parse(data.toString());
+          if (f.op === 'hello') ws.send(JSON.stringify({ op: 'join', room: 'probe-since', since: 'probe-1', ref: 1 }));
+          else if (f.ref === 1) {
+            clearTimeout(timer);
+            resolve(f);
+          }
+        });
+      });
+      return joined.op === 'joined' && typeof joined.recovered === 'boolean';
+    } finally {
+      ws.terminate();
+    }
+  }
+
   /** Creates a red packet through the API; returns its id. */
   async redpacket(room, total = 100, shares = 2) {
     const r = await this.api('POST', `/api/v1/rooms/${room}/redpackets`, {
@@ -225,5 +261,74 @@ ${opts.extraToml ?? ''}
     });
     if (r.status !== 201) throw new Error(`redpacket: ${r.status} ${JSON.stringify(r.body)}`);
     return /** @type {string} */ (r.body.packet);
+  }
+}
+
+/** A throwaway `redis-server` on a free port (no persistence), for cluster cases. */
+export class RedisServer {
+  /**
+   * Starts one; rejects with `code: 'ENOENT'` when redis-server is not installed.
+   * @returns {Promise<RedisServer>}
+   */
+  static async start() {
+    const r = new RedisServer(await freePort());
+    await r.spawn();
+    return r;
+  }
+
+  /** @param {number} port */
+  constructor(port) {
+    this.port = port;
+    this.dir = mkdtempSync(path.join(os.tmpdir(), 'danmaku-web-redis-'));
+    /** @type {import('node:child_process').ChildProcess | null} */
+    this.child = null;
+  }
+
+  get url() {
+    return `redis://127.0.0.1:${this.port}`;
+  }
+
+  async spawn() {
+    const child = spawn(
+      'redis-server',
+      ['--port', String(this.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', this.dir],
+      { stdio: 'ignore' },
+    );
+    this.child = child;
+    /** @type {Error | null} */
+    let failed = null;
+    child.once('error', (e) => {
+      failed = e;
+    });
+    const deadline = Date.now() + 10000;
+    for (;;) {
+      if (failed) throw failed;
+      const up = await new Promise((resolve) => {
+        const s = net.connect(this.port, '127.0.0.1');
+        s.once('connect', () => {
+          s.destroy();
+          resolve(true);
+        });
+        s.once('error', () => resolve(false));
+      });
+      if (up) return;
+      if (Date.now() > deadline) {
+        child.kill('SIGKILL');
+        throw new Error('redis-server did not start');
+      }
+      await sleep(20);
+    }
+  }
+
+  /** Kills it and removes its dir. */
+  async dispose() {
+    const child = this.child;
+    this.child = null;
+    if (child && child.exitCode === null && child.signalCode === null) {
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGKILL');
+      await exited;
+    }
+    rmSync(this.dir, { recursive: true, force: true });
   }
 }

@@ -1,7 +1,8 @@
 // The client's connection logic against a scripted fake gateway (the `ws` package's
 // server), for the cases a real gateway cannot be made to produce on demand: a socket
-// that stops answering pings, a 4010 resync, refused connections, lost replies, and the
-// moderation cases (recalls, a 4030 ban, muted/filtered refusals).
+// that stops answering pings, a 4010 resync, refused connections, lost replies, the
+// moderation cases (recalls, a 4030 ban, muted/filtered refusals) and recovery on
+// reconnect (`since`, `recovered`).
 
 import assert from 'node:assert/strict';
 import net from 'node:net';
@@ -20,6 +21,10 @@ import { freePort, waitFor } from '../support/gateway.mjs';
 /**
  * A fake gateway. `script(frame, conn, server)` may answer an op itself (return true);
  * otherwise join → joined (with `server.history`), ping → pong, anything else → ack.
+ * With `server.log` (the room's events, oldest first), a join with `since` is answered
+ * as a v1.1 gateway would: `recovered: true` and the events after `since` when the log
+ * holds it and `server.recover` is on, else `recovered: false` and the log's last
+ * `history` events. Without `server.log`, `since` is ignored (a gateway without recovery).
  * @param {{ heartbeatMs?: number, script?: (frame: any, conn: FakeConn, srv: any) => boolean | void }} [opts]
  */
 async function fakeGateway(opts = {}) {
@@ -43,6 +48,9 @@ async function fakeGateway(opts = {}) {
     conns: [],
     /** @type {any[]} */
     history: [],
+    /** @type {any[] | null} the recovery log; null: no recovery (no `recovered` field) */
+    log: null,
+    recover: true,
     mutePings: false,
     /** HTTP status to refuse handshakes with (0: accept) */
     refuse: 0,
@@ -66,7 +74,14 @@ async function fakeGateway(opts = {}) {
       if (opts.script?.(frame, conn, srv)) return;
       const ref = frame.ref;
       if (frame.op === 'join') {
-        srv.send(conn, { op: 'joined', room: frame.room, online: 1, history: frame.history ? srv.history : [], redpackets: [], ref });
+        /** @type {any} */
+        const joined = { op: 'joined', room: frame.room, online: 1, history: frame.history ? srv.history : [], redpackets: [], ref };
+        if (frame.since !== undefined && srv.log) {
+          const at = srv.log.findIndex((e) => e.id === frame.since);
+          joined.recovered = srv.recover && at >= 0;
+          joined.history = joined.recovered ? srv.log.slice(at + 1) : frame.history ? srv.log.slice(-frame.history) : [];
+        }
+        srv.send(conn, joined);
       } else if (frame.op === 'ping') {
         if (!srv.mutePings) srv.send(conn, { op: 'pong', ref });
       } else {
@@ -426,4 +441,264 @@ test('a token function that keeps failing is retried with backoff, not in a tigh
   assert.ok(calls >= 2 && calls <= 8, `token asked ${calls} times in 400 ms`);
   assert.equal(errors[0], 'token');
   assert.equal(srv.conns.length, 0);
+});
+
+// ---------------------------------------------------------------------------------------
+// Recovery on reconnect (protocol v1.1): `since` on re-join, `recovered`
+
+const presence = (/** @type {number} */ n, /** @type {number} */ online) => ({ id: `fake-p${n}`, ts: 1000 + n, type: 'presence', online });
+
+/**
+ * Records a client's chats (text, meta) and `rejoined` reports.
+ * @param {DanmakuClient} c
+ */
+function watch(c) {
+  const chats = /** @type {Array<[string, any]>} */ ([]);
+  c.on('chat', (e, meta) => chats.push([e.text, meta]));
+  const rejoins = /** @type {Array<[string, any]>} */ ([]);
+  c.on('rejoined', (room, info) => rejoins.push([room, info]));
+  return { chats, rejoins };
+}
+
+test('re-join after a drop sends since = the last event id and the join\'s history; a recovered gap is delivered once, as recovered', async () => {
+  const srv = await fakeGateway();
+  srv.log = [ev(1), ev(2)];
+  srv.history = [ev(1), ev(2)];
+  const c = client(srv.url, { rejoinHistory: 50 });
+  const { chats, rejoins } = watch(c);
+  /** @type {any[]} */
+  const statuses = [];
+  c.on('status', (s, d) => statuses.push([s, d]));
+  await c.connect();
+  const first = await c.join('r', { history: 5 });
+  assert.equal(first.recovered, undefined, 'no since, no recovered');
+  assert.equal(srv.conns[0].frames[0].since, undefined, 'the first join sends no since');
+  assert.equal(c.lastEventId('r'), 'fake-2', 'history moves the position');
+  // Live events; presence is never in the recovery log, so it never becomes `since`.
+  srv.log.push(ev(3), ev(4));
+  srv.send(srv.conns[0], { op: 'batch', room: 'r', events: [ev(3), ev(4), presence(5, 3)] });
+  await waitFor(() => chats.length === 4 && c.online('r') === 3, 'live events');
+  assert.equal(c.lastEventId('r'), 'fake-4');
+
+  // The network blinks; two events happen meanwhile.
+  srv.conns[0].ws.terminate();
+  srv.log.push(ev(6), ev(7));
+  await waitFor(() => rejoins.length === 1, 're-joined');
+  const drop = statuses.find(([s]) => s === 'reconnecting')?.[1];
+  assert.equal(drop.code, 1006);
+  assert.ok(drop.delayMs > 0, 'an abnormal close waits its backoff step');
+  const rejoin = srv.conns[1].frames.find((f) => f.op === 'join');
+  assert.deepEqual(rejoin, { op: 'join', room: 'r', history: 5, since: 'fake-4', ref: rejoin.ref });
+  assert.deepEqual(rejoins[0], ['r', { recovered: true, since: 'fake-4', missed: 2, resync: false }]);
+  assert.deepEqual(
+    chats.map(([text, meta]) => [text, meta.history, meta.recovered]),
+    [
+      ['m1', true, undefined],
+      ['m2', true, undefined],
+      ['m3', false, undefined],
+      ['m4', false, undefined],
+      ['m6', true, true],
+      ['m7', true, true],
+    ],
+  );
+  assert.deepEqual(chats[4][1], { room: 'r', history: true, recovered: true });
+  assert.equal(c.lastEventId('r'), 'fake-7');
+
+  // Live again: a late duplicate of a recovered event is dropped, the next one comes.
+  srv.send(srv.conns[1], { op: 'batch', room: 'r', events: [ev(7), ev(8)] });
+  await waitFor(() => chats.length === 7, 'the live event after the re-join');
+  assert.deepEqual(chats.at(-1), ['m8', { room: 'r', history: false }]);
+  assert.equal(c.lastEventId('r'), 'fake-8');
+});
+
+test('recovered false: the recent history without what was seen, and the page is told', async () => {
+  const srv = await fakeGateway();
+  srv.log = [ev(1), ev(2), ev(3), ev(4)];
+  srv.recover = false; // e.g. a restarted single node, or a gap longer than the log
+  const c = client(srv.url, { rejoinHistory: 3 });
+  const { chats, rejoins } = watch(c);
+  /** @type {any[]} */
+  const joined = [];
+  c.on('joined', (j, meta) => joined.push([j.recovered, meta]));
+  await c.connect();
+  await c.join('r'); // no history: re-joins ask rejoinHistory
+  srv.send(srv.conns[0], { op: 'batch', room: 'r', events: [ev(3), ev(4)] });
+  await waitFor(() => chats.length === 2, 'live events');
+  srv.conns[0].ws.close(4010, 'slow consumer');
+  srv.log.push(ev(5), ev(6));
+  await waitFor(() => rejoins.length === 1, 're-joined');
+  const rejoin = srv.conns[1].frames.find((f) => f.op === 'join');
+  assert.equal(rejoin.since, 'fake-4');
+  assert.equal(rejoin.history, 3);
+  // history = the last 3 (m4, m5, m6): m4 was seen, so 2 are new.
+  assert.deepEqual(rejoins[0], ['r', { recovered: false, since: 'fake-4', missed: 2, resync: true }]);
+  assert.deepEqual(joined[1], [false, { rejoin: true, resync: true }]);
+  srv.send(srv.conns[1], { op: 'batch', room: 'r', events: [ev(6), ev(7)] });
+  await waitFor(() => chats.length === 5, 'the live event after the re-join');
+  assert.deepEqual(
+    chats.map(([text, meta]) => [text, meta.history, meta.recovered]),
+    [
+      ['m3', false, undefined],
+      ['m4', false, undefined],
+      ['m5', true, undefined],
+      ['m6', true, undefined],
+      ['m7', false, undefined],
+    ],
+  );
+});
+
+test('join(room, { since }) sends it and reports recovered; a room without events re-joins without since', async () => {
+  const srv = await fakeGateway();
+  srv.log = [ev(9), ev(10)];
+  const c = client(srv.url);
+  const { chats, rejoins } = watch(c);
+  await c.connect();
+  const quiet = await c.join('quiet');
+  assert.equal(quiet.recovered, undefined);
+  assert.equal(c.lastEventId('quiet'), undefined);
+  // Kept from before a page reload, say.
+  const joined = await c.join('r', { history: 10, since: 'fake-9' });
+  const frame = srv.conns[0].frames.find((f) => f.room === 'r');
+  assert.equal(frame.since, 'fake-9');
+  assert.equal(frame.history, 10);
+  assert.equal(joined.recovered, true);
+  assert.deepEqual(chats, [['m10', { room: 'r', history: true, recovered: true }]]);
+  assert.equal(c.lastEventId('r'), 'fake-10');
+  // A gateway without recovery does not answer the field: the client says false.
+  srv.log = null;
+  const old = await c.join('s', { since: 'fake-1' });
+  assert.equal(old.recovered, false);
+  assert.equal(c.lastEventId('s'), 'fake-1', 'the app\'s position stays until an event moves it');
+
+  srv.log = [ev(9), ev(10)];
+  srv.conns[0].ws.terminate();
+  await waitFor(() => rejoins.length === 3, 'three re-joins');
+  const byRoom = Object.fromEntries(srv.conns[1].frames.filter((f) => f.op === 'join').map((f) => [f.room, f]));
+  assert.equal(byRoom.quiet.since, undefined, 'nothing to name: no since');
+  assert.equal(byRoom.quiet.history, 20, 'rejoinHistory by default');
+  assert.equal(byRoom.r.since, 'fake-10');
+  assert.equal(byRoom.r.history, 10);
+  assert.equal(byRoom.s.since, 'fake-1');
+  const infos = Object.fromEntries(rejoins);
+  assert.deepEqual(infos.quiet, { recovered: false, since: null, missed: 0, resync: false });
+  assert.deepEqual(infos.r, { recovered: true, since: 'fake-10', missed: 0, resync: false });
+  // fake-1 is not in the log: the last events instead, new to room s (not to r).
+  assert.deepEqual(infos.s, { recovered: false, since: 'fake-1', missed: 2, resync: false });
+  assert.deepEqual(
+    chats.map(([text, meta]) => [text, meta.room]),
+    [
+      ['m10', 'r'],
+      ['m9', 's'],
+      ['m10', 's'],
+    ],
+    'nothing delivered twice in a room',
+  );
+});
+
+test('1001 with urls: at once to the next endpoint, which recovers; a later drop rotates back', async () => {
+  const a = await fakeGateway();
+  const b = await fakeGateway();
+  a.log = [ev(1)];
+  b.log = [ev(1), ev(2)]; // a cluster-wide log: B knows what A sent
+  const c = client('', { urls: [a.url, b.url] });
+  const { chats, rejoins } = watch(c);
+  /** @type {any[]} */
+  const statuses = [];
+  c.on('status', (s, d) => statuses.push([s, d]));
+  assert.equal(c.url, a.url, 'the first endpoint first');
+  await c.connect();
+  await c.join('r');
+  a.send(a.conns[0], { op: 'batch', room: 'r', events: [ev(1)] });
+  await waitFor(() => chats.length === 1, 'live event');
+  a.conns[0].ws.close(1001, 'draining');
+  await waitFor(() => rejoins.length === 1, 're-joined on B');
+  const drain = statuses.find(([s]) => s === 'reconnecting')?.[1];
+  assert.equal(drain.code, 1001);
+  assert.equal(drain.delayMs, 0, '1001 reconnects at once');
+  assert.equal(a.conns.length, 1, 'the draining node is not tried again');
+  assert.equal(b.conns.length, 1);
+  assert.equal(c.url, b.url);
+  assert.equal(b.conns[0].frames[0].since, 'fake-1');
+  assert.deepEqual(rejoins[0], ['r', { recovered: true, since: 'fake-1', missed: 1, resync: false }]);
+  assert.deepEqual(chats.map(([t]) => t), ['m1', 'm2']);
+
+  // B dies: the next attempt goes back to A (with its backoff step).
+  b.conns[0].ws.terminate();
+  await waitFor(() => a.conns.length === 2 && c.status === 'open', 'back on A');
+  assert.equal(statuses.filter(([s]) => s === 'reconnecting').at(-1)[1].code, 1006);
+  assert.equal(c.url, a.url);
+  await waitFor(() => rejoins.length === 2, 're-joined on A');
+  assert.equal(a.conns[1].frames[0].since, 'fake-2');
+  assert.deepEqual(rejoins[1][1], { recovered: false, since: 'fake-2', missed: 0, resync: false }, "A's log lacks fake-2");
+});
+
+test('reconnect(): drops the socket and reconnects at once, re-joining with since', async () => {
+  const srv = await fakeGateway();
+  srv.log = [ev(1)];
+  srv.history = [ev(1)];
+  const c = client(srv.url, { reconnect: { initialDelayMs: 5000, maxDelayMs: 5000 } });
+  const { rejoins } = watch(c);
+  /** @type {any[]} */
+  const statuses = [];
+  c.on('status', (s, d) => statuses.push([s, d]));
+  await c.connect();
+  await c.join('r', { history: 1 });
+  c.reconnect();
+  await waitFor(() => rejoins.length === 1, 're-joined', 2000);
+  assert.deepEqual(
+    statuses.find(([s]) => s === 'reconnecting'),
+    ['reconnecting', { attempt: 0, delayMs: 0, code: 1000, reason: 'client reconnects' }],
+  );
+  assert.equal(srv.conns.length, 2);
+  assert.equal(srv.conns[1].frames[0].since, 'fake-1');
+  assert.equal(rejoins[0][1].recovered, true);
+  c.close();
+  c.reconnect(); // closed: nothing
+  await new Promise((r) => setTimeout(r, 100));
+  assert.equal(srv.conns.length, 2);
+});
+
+test('a ban (4030) stays final with recovery state kept for an explicit connect()', async () => {
+  const srv = await fakeGateway();
+  srv.log = [ev(1)];
+  srv.history = [ev(1)];
+  const c = client(srv.url);
+  const { rejoins } = watch(c);
+  await c.connect();
+  await c.join('r', { history: 1 });
+  srv.conns[0].ws.close(4030, 'banned');
+  await waitFor(() => c.status === 'banned', 'banned');
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(srv.handshakes, 1, 'no reconnect after 4030');
+  await c.connect();
+  await waitFor(() => rejoins.length === 1, 're-joined after connect()');
+  assert.equal(srv.conns[1].frames[0].since, 'fake-1');
+});
+
+test('a re-join whose since is refused (bad_request) joins again without it', async () => {
+  const srv = await fakeGateway({
+    script: (frame, conn, s) => {
+      // The first connection takes it (a lenient gateway); the next one refuses it.
+      if (s.conns.indexOf(conn) > 0 && frame.op === 'join' && frame.since === 'x'.repeat(200)) {
+        s.send(conn, { op: 'error', ref: frame.ref, code: 'bad_request', message: 'since: must be 1-128 bytes' });
+        return true;
+      }
+    },
+  });
+  srv.log = [ev(1)];
+  const c = client(srv.url);
+  const { rejoins } = watch(c);
+  /** @type {string[]} */
+  const errors = [];
+  c.on('error', (e) => errors.push(e.code));
+  await c.connect();
+  const joined = await c.join('r', { since: 'x'.repeat(200) });
+  assert.equal(joined.recovered, false);
+  srv.conns[0].ws.terminate();
+  await waitFor(() => rejoins.length === 1, 're-joined without since');
+  assert.deepEqual(errors, ['bad_request']);
+  const joins = srv.conns[1].frames.filter((f) => f.op === 'join');
+  assert.equal(joins.length, 2);
+  assert.equal(joins[1].since, undefined);
+  assert.deepEqual(rejoins[0][1], { recovered: false, since: null, missed: 0, resync: false });
 });
