@@ -59,6 +59,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub presence: PresenceConfig,
     pub web: WebConfig,
+    pub stream: StreamConfig,
     /// The gift catalog: what clients may send (free) and what only the backend may (paid).
     pub gifts: Vec<GiftConfig>,
 }
@@ -78,6 +79,7 @@ impl Default for Config {
             redis: Default::default(),
             presence: Default::default(),
             web: Default::default(),
+            stream: Default::default(),
             gifts: vec![
                 GiftConfig::new("rose", "Rose", true),
                 GiftConfig::new("heart", "Heart", true),
@@ -219,6 +221,39 @@ impl Default for RedPacketConfig {
             default_expires_in_s: 300,
             max_expires_in_s: 86_400,
             retain_s: 86_400,
+        }
+    }
+}
+
+/// The event stream for the backend (PROTOCOL.md v1.1): every accepted room event and
+/// moderation change, to Redis Streams (with the Redis backplane) or daily JSON-lines
+/// files under `data.dir/events` (single node).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Off by default: a platform that wants the records turns it on.
+    pub enabled: bool,
+    /// Records waiting to be written (Redis or the disk slow or down); beyond, new
+    /// records are dropped and counted (`danmaku_stream_dropped_total`).
+    pub queue: usize,
+    /// Redis: each stream key is trimmed with `MAXLEN ~` this many entries.
+    pub max_len: u64,
+    /// Redis: stream keys, rooms spread over them by a hash of the room id (1: the one
+    /// key `danmaku:events`; more: `danmaku:events:0`.. for Redis Cluster).
+    pub shards: u32,
+    /// Files: a day's file is continued in a new one (`events-DATE.N.jsonl`) past this
+    /// many MiB.
+    pub max_file_mb: u64,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            queue: 100_000,
+            max_len: 1_000_000,
+            shards: 1,
+            max_file_mb: 256,
         }
     }
 }
@@ -516,6 +551,26 @@ impl Config {
 
     /// Range and cross-field checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        check(
+            (1..=10_000_000).contains(&self.stream.queue),
+            "stream.queue",
+            "must be 1 to 10000000",
+        )?;
+        check(
+            self.stream.max_len >= 1000,
+            "stream.max_len",
+            "must be at least 1000",
+        )?;
+        check(
+            (1..=1024).contains(&self.stream.shards),
+            "stream.shards",
+            "must be 1 to 1024",
+        )?;
+        check(
+            self.stream.max_file_mb >= 1,
+            "stream.max_file_mb",
+            "must be at least 1",
+        )?;
         check(
             self.server.heartbeat_ms >= 100,
             "server.heartbeat_ms",

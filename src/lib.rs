@@ -33,6 +33,7 @@
 //! | [`redis_link`] | the supervised Redis command connection (single or cluster) |
 //! | [`http`] | `/ws`, `/healthz`, `/readyz`, `/metrics`, `/api/v1/...` |
 //! | [`metrics`] | every metric's name and description, hot-path handles |
+//! | [`stream`] | the event stream for the backend: Redis Streams or daily JSON-lines files |
 //! | [`shared`] | the state every handler and session shares |
 //! | [`server`] | wiring, serving, graceful drain |
 //! | [`shutdown`] | the signals that start a drain |
@@ -56,6 +57,7 @@ pub mod server;
 pub mod session;
 pub mod shared;
 pub mod shutdown;
+pub mod stream;
 pub mod upgrade;
 pub mod web;
 pub mod wire;

@@ -53,6 +53,11 @@ pub const MODERATION_FILTERED: &str = "danmaku_moderation_filtered_total";
 pub const MODERATION_ACTIVE_BANS: &str = "danmaku_moderation_active_bans";
 pub const MODERATION_ACTIVE_MUTES: &str = "danmaku_moderation_active_mutes";
 pub const RECOVERIES: &str = "danmaku_recoveries_total";
+pub const STREAM_RECORDS: &str = "danmaku_stream_records_total";
+pub const STREAM_DROPPED: &str = "danmaku_stream_dropped_total";
+pub const STREAM_ERRORS: &str = "danmaku_stream_errors_total";
+pub const STREAM_LAG: &str = "danmaku_stream_lag_seconds";
+pub const STREAM_QUEUED: &str = "danmaku_stream_queued";
 
 /// Every `action` of [`MODERATION_ACTIONS`].
 pub const MODERATION_ACTION_LABELS: [&str; 7] = [
@@ -299,6 +304,13 @@ fn preregister() {
     for result in ["recovered", "missed"] {
         counter!(RECOVERIES, "result" => result).increment(0);
     }
+    for status in crate::stream::Status::ALL {
+        counter!(STREAM_RECORDS, "status" => status.as_str()).increment(0);
+    }
+    counter!(STREAM_DROPPED).increment(0);
+    counter!(STREAM_ERRORS).increment(0);
+    gauge!(STREAM_LAG).set(0.0);
+    gauge!(STREAM_QUEUED).set(0.0);
     counter!(REDPACKET_GRABS, "outcome" => "ok").increment(0);
     for code in ErrorCode::ALL {
         counter!(REDPACKET_GRABS, "outcome" => code.as_str()).increment(0);
@@ -413,6 +425,23 @@ fn describe() {
         RECOVERIES,
         "Joins with `since`, by result: recovered (everything after it answered) or missed (recovered: false)."
     );
+    describe_counter!(
+        STREAM_RECORDS,
+        "Event stream records written (Redis Streams or files), by status."
+    );
+    describe_counter!(
+        STREAM_DROPPED,
+        "Event stream records dropped: the queue (stream.queue) was full, or left at drain."
+    );
+    describe_counter!(
+        STREAM_ERRORS,
+        "Event stream writes that failed (retried with backoff)."
+    );
+    describe_gauge!(
+        STREAM_LAG,
+        "Age of the oldest event stream record not yet written, as of the last write attempt."
+    );
+    describe_gauge!(STREAM_QUEUED, "Event stream records waiting to be written.");
     describe_counter!(REDPACKET_GRABS, "Red-packet grab attempts, by outcome.");
     describe_histogram!(
         REDPACKET_GRAB_SECONDS,

@@ -21,7 +21,7 @@ use crate::backplane::{Backplane, Local};
 use crate::config::BackplaneKind;
 use crate::config::Config;
 use crate::edge::Edge;
-use crate::hub::Hub;
+use crate::hub::{Hub, Outlets};
 use crate::moderation::{Moderation, ModerationError};
 use crate::ratelimit::RateLimits;
 use crate::redis_link::RedisLink;
@@ -30,7 +30,8 @@ use crate::redpacket::local::LocalStore;
 use crate::redpacket::redis::RedisStore;
 use crate::redpacket::{RedPackets, Store, StoreError};
 use crate::shared::{ConnIds, Shared};
-use crate::{http, metrics};
+use crate::stream::EventStream;
+use crate::{http, metrics, stream};
 
 /// Grace after the drain window for the last closes to flush before tasks are stopped.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -87,9 +88,13 @@ pub async fn run(
     metrics::hot();
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
+    // The Redis link and the event stream's writer stop last: the flushers' final
+    // windows are recorded on the stream, which may need Redis to write them.
+    let last_tasks = TaskTracker::new();
+    let last = CancellationToken::new();
     let link = match cfg.backplane {
         BackplaneKind::Local => None,
-        BackplaneKind::Redis => Some(RedisLink::start(cfg.redis.clone(), &stop, &tasks)),
+        BackplaneKind::Redis => Some(RedisLink::start(cfg.redis.clone(), &last, &last_tasks)),
     };
     let (backplane, redis): (Arc<dyn Backplane>, Option<Arc<RedisBackplane>>) = match &link {
         None => (Arc::new(Local), None),
@@ -106,12 +111,33 @@ pub async fn run(
             (bp.clone(), Some(bp))
         }
     };
+    let stream = if cfg.stream.enabled {
+        let sink: Box<dyn stream::Sink> = match &link {
+            Some(link) => Box::new(stream::redis::RedisSink::new(
+                Arc::clone(link),
+                &node,
+                cfg.stream.shards,
+                cfg.stream.max_len,
+            )),
+            None => Box::new(stream::file::FileSink::new(
+                cfg.data.dir.join("events"),
+                &node,
+                cfg.stream.max_file_mb,
+            )),
+        };
+        EventStream::start(node.clone(), cfg.stream.queue, sink, &last, &last_tasks)
+    } else {
+        EventStream::disabled(node.clone())
+    };
     let hub = Hub::start(
         node.clone(),
         cfg.room.clone(),
         cfg.limits.max_out_frame_bytes,
         cfg.shard_count(),
-        Arc::clone(&backplane),
+        Outlets {
+            backplane: Arc::clone(&backplane),
+            stream: Arc::clone(&stream),
+        },
         &stop,
         &tasks,
     );
@@ -149,8 +175,26 @@ pub async fn run(
     };
     ratelimits.start_sweeper(&stop, &tasks);
     let moderation = match &link {
-        None => Moderation::open_local(node.clone(), &cfg.data.dir, &stop, &tasks).await?,
-        Some(link) => Moderation::open_redis(node.clone(), Arc::clone(link), &stop, &tasks).await?,
+        None => {
+            Moderation::open_local(
+                node.clone(),
+                &cfg.data.dir,
+                Arc::clone(&stream),
+                &stop,
+                &tasks,
+            )
+            .await?
+        }
+        Some(link) => {
+            Moderation::open_redis(
+                node.clone(),
+                Arc::clone(link),
+                Arc::clone(&stream),
+                &stop,
+                &tasks,
+            )
+            .await?
+        }
     };
     edge.watch_certificates(&stop, &tasks);
     let shared = Arc::new(Shared {
@@ -172,6 +216,7 @@ pub async fn run(
         sessions: TaskTracker::new(),
         prometheus,
         conn_ids: ConnIds::default(),
+        stream,
     });
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -197,6 +242,7 @@ pub async fn run(
             // The accept loop ended on its own (it only ends when stopped, so it died):
             // stop everything and report it.
             stop.cancel();
+            last.cancel();
             let e = match res {
                 Ok(()) => std::io::Error::other("the listener stopped accepting"),
                 Err(e) => std::io::Error::other(e),
@@ -234,6 +280,15 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("hub tasks did not stop in time");
+    }
+    last.cancel();
+    last_tasks.close();
+    // The stream writer bounds its own drain (a few seconds), the link stops at once.
+    if tokio::time::timeout(Duration::from_secs(10), last_tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("event stream did not finish in time");
     }
     tracing::info!("drained");
     Ok(())

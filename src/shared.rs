@@ -42,6 +42,8 @@ pub struct Shared {
     pub sessions: TaskTracker,
     pub prometheus: PrometheusHandle,
     pub conn_ids: ConnIds,
+    /// The event stream for the backend (records nothing when off).
+    pub stream: Arc<crate::stream::EventStream>,
 }
 
 impl Shared {

@@ -26,7 +26,7 @@ use support::{
 use tokio_tungstenite::tungstenite::Message;
 
 /// Rows the dashboard must have (case-insensitive prefixes of row titles).
-const ROWS: [&str; 9] = [
+const ROWS: [&str; 10] = [
     "traffic",
     "latency",
     "rooms",
@@ -36,6 +36,7 @@ const ROWS: [&str; 9] = [
     "process",
     "moderation",
     "recovery",
+    "event stream",
 ];
 
 /// The process collector's metrics the dashboard's Process row relies on.

@@ -179,13 +179,16 @@ impl Target {
         Some(self.sources[per_endpoint % self.sources.len()])
     }
 
-    /// The upgrade URL for connection `index`.
-    fn request_url(&self, index: usize, room: &str, token: Option<&str>) -> String {
-        let mut url = format!(
-            "{}?room={room}&format={}",
-            self.endpoint(index).base_url,
-            self.format.as_str()
-        );
+    /// The upgrade URL for connection `index` (joining `room` at once, if given).
+    fn request_url(&self, index: usize, room: Option<&str>, token: Option<&str>) -> String {
+        let mut url = format!("{}?", self.endpoint(index).base_url);
+        if let Some(room) = room {
+            url.push_str("room=");
+            url.push_str(room);
+            url.push('&');
+        }
+        url.push_str("format=");
+        url.push_str(self.format.as_str());
         if let Some(token) = token {
             url.push_str("&token=");
             url.push_str(token);
@@ -223,6 +226,20 @@ impl Target {
         token: Option<&str>,
         stage: &mut Stage,
     ) -> Result<(Conn, Joined), Failure> {
+        let mut conn = self.upgrade(index, Some(room), token, stage).await?;
+        *stage = Stage::Joined;
+        let joined = conn.wait_joined().await?;
+        Ok((conn, joined))
+    }
+
+    /// TCP connect and WebSocket upgrade for connection `index`.
+    async fn upgrade(
+        &self,
+        index: usize,
+        room: Option<&str>,
+        token: Option<&str>,
+        stage: &mut Stage,
+    ) -> Result<Conn, Failure> {
         let tcp = self.tcp_connect(index).await?;
         *stage = Stage::Upgrade;
         let (ws, _response) = tokio_tungstenite::client_async_with_config(
@@ -232,10 +249,40 @@ impl Target {
         )
         .await
         .map_err(Failure::from_ws)?;
-        *stage = Stage::Joined;
-        let mut conn = Conn { ws };
-        let joined = conn.wait_joined().await?;
-        Ok((conn, joined))
+        Ok(Conn { ws })
+    }
+
+    /// Opens connection number `index` without a room, sends `join` (an encoded `join`
+    /// op carrying `ref` `reference`, e.g. with `since`) and waits for the `joined` that
+    /// echoes `reference`, all within `limit`. Returns the connection and that `joined`
+    /// message, for the caller to decode (its `history` and `recovered`).
+    ///
+    /// # Errors
+    /// A [`Failure`] saying at which stage and why (an `error` answering the `join` is
+    /// [`Failure::ErrorFrame`] with its code).
+    pub async fn open_join(
+        &self,
+        index: usize,
+        token: Option<&str>,
+        join: Message,
+        reference: i64,
+        limit: Duration,
+    ) -> Result<(Conn, Message), Failure> {
+        let mut stage = Stage::Tcp;
+        let work = async {
+            let mut conn = self.upgrade(index, None, token, &mut stage).await?;
+            stage = Stage::Joined;
+            conn.ws
+                .send(join)
+                .await
+                .map_err(|e| Failure::Stream(short_ws_error(&e)))?;
+            let joined = conn.wait_reply(reference).await?;
+            Ok((conn, joined))
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::Timeout(stage)),
+        }
     }
 
     /// TCP connect to connection `index`'s endpoint, from its source address if any.
@@ -386,6 +433,27 @@ impl Conn {
         }
     }
 
+    /// Reads until the `joined` echoing `reference` (skipping anything else) and returns
+    /// that message; an `error` echoing it is [`Failure::ErrorFrame`].
+    async fn wait_reply(&mut self, reference: i64) -> Result<Message, Failure> {
+        loop {
+            let msg = match self.ws.next().await {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => return Err(Failure::Stream(short_ws_error(&e))),
+                None => return Err(Failure::Closed(None)),
+            };
+            let outcome = match proto::decode(&msg) {
+                Decoded::Frame(f) if f.reference == Some(reference) && f.op == "joined" => Ok(()),
+                Decoded::Frame(f) if f.reference == Some(reference) && f.op == "error" => {
+                    Err(Failure::ErrorFrame(f.code.unwrap_or("?").to_string()))
+                }
+                Decoded::Close(code) => Err(Failure::Closed(code)),
+                Decoded::Frame(_) | Decoded::Garbage(_) | Decoded::Control => continue,
+            };
+            return outcome.map(|()| msg);
+        }
+    }
+
     /// The next message; `None` once the stream has ended. Cancel-safe (for `select!`).
     /// Pings are answered by tungstenite while reading.
     pub async fn recv(&mut self) -> Option<Result<Message, tungstenite::Error>> {
@@ -469,8 +537,12 @@ mod tests {
             ]
         );
         assert!(
-            t.request_url(3, "r", Some("tok"))
+            t.request_url(3, Some("r"), Some("tok"))
                 .starts_with("ws://127.0.0.1:2/ws?room=r&format=json&token=tok")
+        );
+        assert_eq!(
+            t.request_url(0, None, None),
+            "ws://127.0.0.1:1/ws?format=json"
         );
         assert!(
             Target::resolve(&[], vec![], Format::Json, Duration::from_secs(1))

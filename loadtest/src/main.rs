@@ -1,6 +1,6 @@
 //! `loadtest`: load generator for the danmaku WebSocket gateway.
 //!
-//! Seven scenarios, each a bounded run that ends by itself and prints one report
+//! Eight scenarios, each a bounded run that ends by itself and prints one report
 //! (a table, or one JSON object with `--json`) on stdout, with a progress line on stderr
 //! every second:
 //!
@@ -12,11 +12,16 @@
 //! - `storm`: open N connections as fast as a concurrency allows; time to all joined.
 //! - `slowloris`: N silent TCP connections; time until the gateway has shed them all, and
 //!   `/healthz` latency and failures meanwhile.
+//! - `reconnect`: viewers in a hot room lose their connections (gateway restart, node
+//!   killed, the tool's own blink) and come back with `join` + `since`; reconnect time,
+//!   `recovered` answers, and per viewer missing and duplicate chats.
 //!
 //! Exit status: 0 when the run met its criteria, 1 when it did not (a connection failed
 //! in `idle`/`storm`, a grab failed or a sum mismatched in `redpacket`, the delivery
 //! ratio was below `--min-delivery-ratio`, a silent connection was never shed or a health
-//! check failed in `slowloris`, or an `--slo` was missed), 2 on a setup error.
+//! check failed in `slowloris`, a viewer that never disconnected or always recovered
+//! missed or duplicated a chat in `reconnect`, or an `--slo` was missed), 2 on a setup
+//! error.
 //!
 //! Modules: [`client`] (connect, bind, WebSocket config, round-robin targets), [`proto`]
 //! (wire frames), [`http`] (the backend API), [`auth`] (JWT minting), [`report`]
@@ -41,6 +46,7 @@ use clap::{Parser, Subcommand};
 use report::Report;
 use scenarios::fanout::{FanoutArgs, RoomsArgs, SoakArgs};
 use scenarios::idle::IdleArgs;
+use scenarios::reconnect::ReconnectArgs;
 use scenarios::redpacket::RedpacketArgs;
 use scenarios::slowloris::SlowlorisArgs;
 use scenarios::storm::StormArgs;
@@ -78,6 +84,9 @@ enum Command {
     Storm(StormArgs),
     /// N silent TCP connections: time until the gateway shed them all; /healthz meanwhile.
     Slowloris(SlowlorisArgs),
+    /// Viewers lose their connections (restart, node killed, blink) and resume with
+    /// `join` + `since`; reconnect time, recovered answers, missing/duplicate chats.
+    Reconnect(ReconnectArgs),
 }
 
 fn main() -> ExitCode {
@@ -135,6 +144,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             &scenarios::slowloris::run(args, nofile).await?,
             json,
         )),
+        Command::Reconnect(args) => Ok(finish(
+            &scenarios::reconnect::run(args, nofile).await?,
+            json,
+        )),
     }
 }
 
@@ -190,6 +203,7 @@ mod tests {
             "idle",
             "storm",
             "slowloris",
+            "reconnect",
         ] {
             let cli = parse(&[
                 scenario,
@@ -206,6 +220,7 @@ mod tests {
                 Command::Idle(a) => a.conn,
                 Command::Storm(a) => a.conn,
                 Command::Slowloris(a) => a.conn,
+                Command::Reconnect(a) => a.conn,
             };
             let slo = conn.slo.slo();
             assert_eq!((slo.delivery, slo.p99_ms), (Some(0.999), Some(80.0)));
@@ -245,5 +260,23 @@ mod tests {
             panic!("not soak")
         };
         assert_eq!((a.duration, a.gift.as_str()), (5.0, "rose"));
+        let Command::Reconnect(a) = parse(&[
+            "reconnect",
+            "--conns",
+            "50",
+            "--blink-at",
+            "3,7.5",
+            "--target",
+            "ws://h:1/ws,ws://h:2/ws",
+        ])
+        .command
+        else {
+            panic!("not reconnect")
+        };
+        assert_eq!((a.viewers, a.senders, a.rate), (50, 10, 10.0));
+        assert_eq!(a.blink_at, [3.0, 7.5]);
+        assert_eq!((a.backoff_ms, a.max_backoff_ms), (100, 5000));
+        assert_eq!(a.conn.targets.len(), 2);
+        assert!(a.room.is_none() && a.pid_file.is_none());
     }
 }

@@ -1,6 +1,7 @@
 //! The client's side of the gateway's wire protocol v1 (`shared/PROTOCOL.md`), reduced to
-//! what a load generator needs: encoding the ops it sends (`chat`, `gift`, `grab`, `join`,
-//! `leave`), decoding the frames it reads (`hello`, `joined`, `ack`, `error`, `batch`) in
+//! what a load generator needs: encoding the ops it sends (`chat`, `gift`, `grab`, `join`
+//! with an optional `since`, `leave`), decoding the frames it reads (`hello`, `joined` with
+//! its `history` and `recovered`, `ack`, `error`, `batch`) in
 //! either wire format, and the chat text convention that carries a send timestamp
 //! through the gateway.
 //!
@@ -57,8 +58,12 @@ pub enum ClientOp<'a> {
         #[serde(rename = "ref")]
         reference: i64,
     },
+    /// `join`; `since` (the id of the last event received in the room) asks the gateway
+    /// to recover what followed it (`joined.recovered`, `joined.history`).
     Join {
         room: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        since: Option<&'a str>,
         #[serde(rename = "ref")]
         reference: i64,
     },
@@ -155,6 +160,13 @@ pub struct ServerFrame<'a> {
     /// Room's online count (`joined`).
     #[serde(default)]
     pub online: Option<u64>,
+    /// Whether `history` holds exactly the events after the `join`'s `since` (`joined`
+    /// of a join that gave `since`; absent otherwise, or from a gateway without it).
+    #[serde(default)]
+    pub recovered: Option<bool>,
+    /// The room's recent events, oldest first (`joined`).
+    #[serde(default, borrow)]
+    pub history: Vec<ServerEvent<'a>>,
     /// Amount won (`ack` of a `grab`).
     #[serde(default)]
     pub amount: Option<u64>,
@@ -169,6 +181,9 @@ pub struct ServerFrame<'a> {
 /// One room event inside a `batch`.
 #[derive(Debug, Deserialize)]
 pub struct ServerEvent<'a> {
+    /// The event's id (what a reconnecting client gives as `since`).
+    #[serde(default, borrow)]
+    pub id: Option<CowStr<'a>>,
     /// `chat`, `presence`, `gift`, ...
     #[serde(rename = "type", borrow)]
     pub kind: &'a str,
@@ -255,6 +270,41 @@ impl ChatStamp {
         let (_, micros) = rest.rsplit_once(':')?;
         micros.parse().ok()
     }
+
+    /// Sender, sequence number and send time of one of this run's chats, or `None` for
+    /// any other text.
+    pub fn parse(&self, text: &str) -> Option<Stamped> {
+        let rest = text.strip_prefix(self.prefix.as_str())?;
+        let mut parts = rest.splitn(3, ':');
+        let sender = parts.next()?.parse().ok()?;
+        let seq = parts.next()?.parse().ok()?;
+        let sent_us = parts.next()?.parse().ok()?;
+        Some(Stamped {
+            sender,
+            seq,
+            sent_us,
+        })
+    }
+}
+
+/// What a stamped chat text says (see [`ChatStamp::text`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamped {
+    pub sender: usize,
+    pub seq: u64,
+    pub sent_us: u64,
+}
+
+/// Encodes `{"op":"join","room":..,"since":..,"ref":..}` (`since` left out when `None`).
+pub fn encode_join(format: Format, room: &str, since: Option<&str>, reference: i64) -> Message {
+    encode(
+        format,
+        &ClientOp::Join {
+            room,
+            since,
+            reference,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -270,6 +320,71 @@ mod tests {
         assert_eq!(s.sent_at("lt:other:7:3:1"), None);
         assert_eq!(s.sent_at("hello"), None);
         assert_eq!(s.sent_at("lt:ab12:x"), None);
+        assert_eq!(
+            s.parse(&t),
+            Some(Stamped {
+                sender: 7,
+                seq: 3,
+                sent_us: 1_700_000_000_123_456
+            })
+        );
+        assert_eq!(s.parse("lt:other:7:3:1"), None);
+        assert_eq!(s.parse("lt:ab12:7:3"), None);
+        assert_eq!(s.parse("lt:ab12:x:3:1"), None);
+        assert_eq!(s.parse("lt:ab12:7:3:1:9"), None);
+    }
+
+    #[test]
+    fn join_with_since_and_joined_with_recovered() {
+        let Message::Text(t) = encode_join(Format::Json, "r", Some("n1-7"), 3) else {
+            panic!("not text")
+        };
+        assert_eq!(
+            t.as_str(),
+            r#"{"op":"join","room":"r","since":"n1-7","ref":3}"#
+        );
+        let Message::Text(t) = encode_join(Format::Json, "r", None, 3) else {
+            panic!("not text")
+        };
+        assert_eq!(t.as_str(), r#"{"op":"join","room":"r","ref":3}"#);
+        let Message::Binary(b) = encode_join(Format::Msgpack, "r", Some("n1-7"), 3) else {
+            panic!("not binary")
+        };
+        let v: serde_json::Value = rmp_serde::from_slice(&b).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"join","room":"r","since":"n1-7","ref":3})
+        );
+
+        let joined = serde_json::json!({"op":"joined","room":"r","ref":3,"online":2,
+            "recovered":true,"redpackets":[],"history":[
+                {"id":"n1-8","ts":1,"type":"chat","user":{"id":"u","name":"n"},"text":"lt:a:0:1:2"},
+                {"id":"n1-9","ts":2,"type":"system","text":"hi"}]});
+        for msg in [
+            Message::text(joined.to_string()),
+            Message::Binary(rmp_serde::to_vec_named(&joined).unwrap().into()),
+        ] {
+            let Decoded::Frame(f) = decode(&msg) else {
+                panic!("not a frame")
+            };
+            assert_eq!(
+                (f.op, f.reference, f.recovered),
+                ("joined", Some(3), Some(true))
+            );
+            let ids: Vec<&str> = f
+                .history
+                .iter()
+                .map(|e| e.id.as_ref().unwrap().0.as_ref())
+                .collect();
+            assert_eq!(ids, ["n1-8", "n1-9"]);
+            assert_eq!(f.history[0].text.as_ref().unwrap().0, "lt:a:0:1:2");
+        }
+        let old = Message::text(
+            r#"{"op":"joined","room":"r","online":1,"history":[],"recovered":false}"#,
+        );
+        assert!(matches!(decode(&old), Decoded::Frame(f) if f.recovered == Some(false)));
+        let plain = Message::text(r#"{"op":"joined","room":"r","online":1,"history":[]}"#);
+        assert!(matches!(decode(&plain), Decoded::Frame(f) if f.recovered.is_none()));
     }
 
     #[test]
@@ -358,6 +473,7 @@ mod tests {
             (
                 ClientOp::Join {
                     room: "r",
+                    since: None,
                     reference: 4,
                 },
                 r#"{"op":"join","room":"r","ref":4}"#,

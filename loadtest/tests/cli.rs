@@ -2,7 +2,9 @@
 //! gateway, so the tool can be tested without the real gateway: hello, joined, chat/gift
 //! → ack + one `batch` per op to every member, join/leave, grab (with a `busy` on the
 //! first attempt of every third connection, to exercise retries), and the HTTP API's
-//! red-packet create/status on the same port, with a settlement log in a directory.
+//! red-packet create/status on the same port, with a settlement log in a directory, and
+//! recovery on reconnect (`join` with `since` answers `recovered` and the events that
+//! followed, from a per-room log a "restart" forgets while closing everyone with 1001).
 //! Checked: delivery accounting, both wire formats, several targets, the JSON reports,
 //! SLOs and the exit codes; and, against a bare mock edge, the `slowloris` scenario.
 
@@ -39,18 +41,49 @@ struct Packet {
 #[derive(Default)]
 struct Mock {
     rooms: Mutex<HashMap<String, Vec<Member>>>,
+    /// Every room's non-presence events, oldest first (the recovery log). Guarded by
+    /// `rooms`' lock too: appended and broadcast, or read and joined, atomically.
+    logs: Mutex<HashMap<String, Vec<Value>>>,
+    next_event: std::sync::atomic::AtomicU64,
     packets: Mutex<HashMap<String, Packet>>,
     /// Where grabs are settled (`settlement.jsonl`), if anywhere.
     settlement: Option<PathBuf>,
 }
 
 impl Mock {
-    fn broadcast(&self, room: &str, events: Value) {
-        let batch = json!({"op":"batch","room":room,"events":events});
+    /// Gives each event a unique id, logs the non-presence ones and sends the batch.
+    fn broadcast(&self, room: &str, mut events: Value) {
         let rooms = self.rooms.lock().unwrap();
+        let mut logs = self.logs.lock().unwrap();
+        let log = logs.entry(room.to_string()).or_default();
+        for ev in events.as_array_mut().unwrap() {
+            let n = self
+                .next_event
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ev["id"] = json!(format!("m-{n}"));
+            if ev["type"] != "presence" {
+                log.push(ev.clone());
+            }
+        }
+        let batch = json!({"op":"batch","room":room,"events":events});
         for (_, bin, member) in rooms.get(room).map(Vec::as_slice).unwrap_or_default() {
             let _ = member.send(encode(*bin, &batch));
         }
+    }
+
+    /// A restart: every member is closed with 1001 and the recovery logs are forgotten.
+    fn restart(&self) {
+        let mut rooms = self.rooms.lock().unwrap();
+        self.logs.lock().unwrap().clear();
+        for (_, _, member) in rooms.values().flatten() {
+            let _ = member.send(Message::Close(Some(
+                tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: 1001.into(),
+                    reason: "draining".into(),
+                },
+            )));
+        }
+        rooms.clear();
     }
 }
 
@@ -85,16 +118,22 @@ fn start_mock() -> SocketAddr {
 
 /// The mock, settling grabs into `dir/settlement.jsonl` when given.
 fn start_mock_with(settlement: Option<PathBuf>) -> SocketAddr {
+    start_mock_handle(settlement).0
+}
+
+/// The mock and a handle on it (to restart it).
+fn start_mock_handle(settlement: Option<PathBuf>) -> (SocketAddr, Arc<Mock>) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
             let mock = Arc::new(Mock {
                 settlement,
                 ..Mock::default()
             });
+            tx.send((listener.local_addr().unwrap(), Arc::clone(&mock)))
+                .unwrap();
             let mut next_id = 0_u64;
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
@@ -160,21 +199,32 @@ async fn serve(tcp: TcpStream, id: u64, mock: Arc<Mock>) {
     send(
         json!({"op":"hello","conn":id.to_string(),"node":"mock","user":null,"heartbeat_ms":25000}),
     );
-    let join = |room: &str, reference: Option<&Value>| {
+    let join = |room: &str, reference: Option<&Value>, since: Option<&str>| {
         let mut rooms = mock.rooms.lock().unwrap();
+        let logs = mock.logs.lock().unwrap();
         let members = rooms.entry(room.to_string()).or_default();
         if !members.iter().any(|(m, _, _)| *m == id) {
             members.push((id, binary, out.clone()));
         }
         let mut joined =
             json!({"op":"joined","room":room,"online":members.len(),"history":[],"redpackets":[]});
+        if let Some(since) = since {
+            let log = logs.get(room).map(Vec::as_slice).unwrap_or_default();
+            match log.iter().position(|ev| ev["id"] == since) {
+                Some(at) => {
+                    joined["recovered"] = json!(true);
+                    joined["history"] = Value::Array(log[at + 1..].to_vec());
+                }
+                None => joined["recovered"] = json!(false),
+            }
+        }
         if let Some(r) = reference {
             joined["ref"] = r.clone();
         }
         let _ = out.send(encode(binary, &joined));
     };
     if let Some(room) = &room {
-        join(room, None);
+        join(room, None, None);
     }
     let mut grabs_seen = 0_u64;
     while let Some(Ok(msg)) = stream.next().await {
@@ -187,7 +237,7 @@ async fn serve(tcp: TcpStream, id: u64, mock: Arc<Mock>) {
         let room = op["room"].as_str().unwrap_or_default().to_string();
         let error = |code: &str| json!({"op":"error","ref":reference,"code":code,"message":code});
         match op["op"].as_str().unwrap_or_default() {
-            "join" => join(&room, Some(&reference)),
+            "join" => join(&room, Some(&reference), op["since"].as_str()),
             "leave" => {
                 if let Some(members) = mock.rooms.lock().unwrap().get_mut(&room) {
                     members.retain(|(m, _, _)| *m != id);
@@ -771,4 +821,119 @@ fn slowloris_measures_the_shedding_and_fails_when_connections_stay() {
     assert_eq!(r["silent"]["never_shed"], 10, "{r}");
     assert_eq!(r["silent"]["all_shed"], false, "{r}");
     assert_eq!(r["passed"], false, "{r}");
+}
+
+#[test]
+fn reconnect_after_a_blink_recovers_every_chat_exactly_once() {
+    let addr = start_mock();
+    let url = format!("ws://{addr}/ws");
+    for format in ["json", "msgpack"] {
+        let (code, r) = loadtest(&[
+            "reconnect",
+            "--url",
+            &url,
+            "--format",
+            format,
+            "--viewers",
+            "20",
+            "--senders",
+            "2",
+            "--rate",
+            "4",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.2",
+            "--drain",
+            "1",
+            "--blink-at",
+            "0.9",
+            "--backoff-ms",
+            "50",
+            "--slo",
+            "delivery=1,p99_ms=5000",
+        ]);
+        assert_eq!(code, 0, "{r}");
+        assert_eq!(r["scenario"], "reconnect");
+        assert_eq!(r["connect"]["ok"], 22, "{r}");
+        assert_eq!(r["blinks"], 1, "{r}");
+        assert_eq!(r["disconnects"]["blink"], 20, "{r}");
+        assert_eq!(r["disconnects_total"], 20, "{r}");
+        assert_eq!(r["reconnects"], 20, "{r}");
+        assert_eq!(r["reconnect_time"]["count"], 20, "{r}");
+        assert_eq!(r["rejoins"]["recovered_true"], 20, "{r}");
+        assert_eq!(r["viewers_connected_at_end"], 20, "{r}");
+        let acked = r["chats"]["acked"].as_u64().unwrap();
+        assert!(acked >= 6, "{r}");
+        assert_eq!(r["chats"]["send_failures"], 0, "{r}");
+        let d = &r["delivery"];
+        assert_eq!(d["expected"].as_u64().unwrap(), acked * 20, "{r}");
+        assert_eq!(d["delivered"], d["expected"], "{r}");
+        assert_eq!(d["acked_never_delivered"], 0, "{r}");
+        let g = &r["groups"]["recovered_every_time"];
+        assert_eq!(
+            (&g["viewers"], &g["missing"]),
+            (&json!(20), &json!(0)),
+            "{r}"
+        );
+        assert_eq!(g["duplicates"], 0, "{r}");
+        assert_eq!(r["groups"]["not_recovered"]["viewers"], 0, "{r}");
+        // The mock has no /metrics: no answer, nothing counted.
+        assert_eq!(r["sampled_out"]["total"], 0, "{r}");
+        assert_eq!(r["passed"], true, "{r}");
+    }
+}
+
+#[test]
+fn reconnect_after_a_restart_counts_unrecovered_viewers_apart() {
+    let (addr, mock) = start_mock_handle(None);
+    let url = format!("ws://{addr}/ws");
+    // Restarts once everyone has joined and chats have been flowing for a while.
+    let restarter = std::thread::spawn(move || {
+        for _ in 0..500 {
+            let members: usize = mock.rooms.lock().unwrap().values().map(Vec::len).sum();
+            if members == 22 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        mock.restart();
+    });
+    let (code, r) = loadtest(&[
+        "reconnect",
+        "--url",
+        &url,
+        "--viewers",
+        "20",
+        "--senders",
+        "2",
+        "--rate",
+        "4",
+        "--duration",
+        "2.5",
+        "--warmup",
+        "0.2",
+        "--drain",
+        "1",
+    ]);
+    restarter.join().unwrap();
+    // Nobody that kept its connection or recovered missed anything: a pass.
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["disconnects"]["closed by server: 1001"], 20, "{r}");
+    assert_eq!(r["reconnects"], 20, "{r}");
+    let rejoins = &r["rejoins"];
+    let unrecovered =
+        rejoins["recovered_false"].as_u64().unwrap() + rejoins["without_since"].as_u64().unwrap();
+    assert_eq!(unrecovered, 20, "{r}");
+    assert_eq!(r["groups"]["not_recovered"]["viewers"], 20, "{r}");
+    assert_eq!(r["groups"]["recovered_every_time"]["viewers"], 0, "{r}");
+    assert_eq!(
+        r["chats"]["disconnects"]["closed by server: 1001"], 2,
+        "{r}"
+    );
+    assert_eq!(r["chats"]["reconnects"], 2, "{r}");
+    // Senders kept sending after their reconnect.
+    assert!(r["chats"]["acked"].as_u64().unwrap() >= 8, "{r}");
+    assert_eq!(r["passed"], true, "{r}");
 }

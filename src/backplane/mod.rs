@@ -81,6 +81,8 @@ pub trait Backplane: Send + Sync {
 pub struct ClusterRecovery {
     /// The events after `since` (oldest first), recalled ones taken out.
     pub events: Vec<Event>,
+    /// Per event: its log number, and the node it came from.
+    pub logged: Vec<(u64, String)>,
     /// False when the log cannot prove it holds them all.
     pub recovered: bool,
 }

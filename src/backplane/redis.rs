@@ -242,6 +242,7 @@ fn parse_entry(raw: &[u8]) -> Option<LogEntry<'_>> {
 fn recovery_from_log(s: u64, origin: &str, raw: &[Vec<u8>]) -> ClusterRecovery {
     let not = ClusterRecovery::default();
     let mut events = Vec::new();
+    let mut logged = Vec::new();
     for raw in raw {
         let Some(entry) = parse_entry(raw) else {
             return not;
@@ -253,7 +254,10 @@ fn recovery_from_log(s: u64, origin: &str, raw: &[Vec<u8>]) -> ClusterRecovery {
             continue;
         }
         match rmp_serde::from_slice::<Event>(entry.event) {
-            Ok(e) => events.push(e),
+            Ok(e) => {
+                events.push(e);
+                logged.push((entry.seq, entry.origin.to_owned()));
+            }
             Err(_) => return not,
         }
     }
@@ -264,9 +268,14 @@ fn recovery_from_log(s: u64, origin: &str, raw: &[Vec<u8>]) -> ClusterRecovery {
             _ => None,
         })
         .collect();
-    events.retain(|e| !recalled.contains(&e.id));
+    let keep: Vec<bool> = events.iter().map(|e| !recalled.contains(&e.id)).collect();
+    let mut k = keep.iter();
+    events.retain(|_| *k.next().expect("one flag per event"));
+    let mut k = keep.iter();
+    logged.retain(|_| *k.next().expect("one flag per event"));
     ClusterRecovery {
         events,
+        logged,
         recovered: true,
     }
 }

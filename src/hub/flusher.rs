@@ -1,6 +1,7 @@
 //! Flushers: one per shard index, each owning the rooms whose id hashes to it. Flushing
 //! a room takes its window (the events gathered since its last flush), appends it to the
-//! history, publishes this node's events to the backplane, and hands one [`Batch`] to
+//! history, publishes this node's events to the backplane (and records them on the
+//! event stream, once per window), and hands one [`Batch`] to
 //! every shard holding members of the room. Every `room.presence_ms` a flusher also
 //! announces changed online counts and forgets idle empty rooms.
 //!
@@ -43,6 +44,7 @@ use super::shard::ShardCmd;
 use super::window::Batch;
 use crate::metrics;
 use crate::protocol::{Event, EventBody};
+use crate::stream::Status;
 
 /// A hot room's next window is due `batch_ms` after the previous one was *due*, not
 /// after it was flushed, so the timer's lateness (it wakes on a millisecond tick) does
@@ -101,7 +103,10 @@ impl Hub {
         loop {
             let next = queue.peek().map(|d| d.at);
             tokio::select! {
-                _ = cancel.cancelled() => break,
+                _ = cancel.cancelled() => {
+                    self.flush_last(index, window).await;
+                    break;
+                }
                 _ = inbox.wake.notified() => {}
                 _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)),
                     if next.is_some() => {}
@@ -109,6 +114,21 @@ impl Hub {
             }
             self.flush_ready(index, window, &mut queue, &mut urgent)
                 .await;
+        }
+    }
+
+    /// At shutdown: every window still open is flushed, so what was accepted (and
+    /// acked) reaches the other nodes and the event stream, not only this node's members.
+    async fn flush_last(&self, index: usize, window: Duration) {
+        let rooms: Vec<Arc<Room>> = self
+            .0
+            .rooms
+            .iter()
+            .filter(|r| r.owner == index)
+            .map(|r| Arc::clone(&r))
+            .collect();
+        for room in rooms {
+            self.flush(&room, None, window).await;
         }
     }
 
@@ -168,6 +188,7 @@ impl Hub {
             }
             if !local.is_empty() {
                 self.0.backplane.publish(&room.id, &local, &seen);
+                self.0.stream.events(&room.id, Status::Broadcast, &local);
             }
             let batch_no = st.flushed + 1;
             for e in events.iter().filter(|e| e.body.in_history()) {

@@ -48,6 +48,7 @@ use crate::backplane::Backplane;
 use crate::config::RoomConfig;
 use crate::metrics;
 use crate::protocol::{Event, EventBody, RoomId, now_ms};
+use crate::stream::{EventStream, Status};
 
 mod conn;
 mod flusher;
@@ -84,6 +85,24 @@ pub struct Joined {
     pub recovered: Option<bool>,
 }
 
+/// Where a room's accepted events go besides its members on this node.
+pub struct Outlets {
+    /// The other nodes (and the cluster log).
+    pub backplane: Arc<dyn Backplane>,
+    /// The event stream for the backend.
+    pub stream: Arc<EventStream>,
+}
+
+impl Outlets {
+    /// A single node that records nothing: for tests of the hub alone.
+    pub fn local(node: &str) -> Self {
+        Self {
+            backplane: Arc::new(crate::backplane::Local),
+            stream: EventStream::disabled(node.into()),
+        }
+    }
+}
+
 /// Handle to the hub; cheap to clone.
 #[derive(Clone)]
 pub struct Hub(Arc<Inner>);
@@ -104,6 +123,7 @@ struct Inner {
     /// `{node}-{start ms, hex}`: see [`Hub::next_id`].
     id_prefix: Box<str>,
     backplane: Arc<dyn Backplane>,
+    stream: Arc<EventStream>,
 }
 
 impl Hub {
@@ -114,7 +134,7 @@ impl Hub {
         cfg: RoomConfig,
         max_frame: usize,
         shards: usize,
-        backplane: Arc<dyn Backplane>,
+        outlets: Outlets,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Hub {
@@ -143,7 +163,8 @@ impl Hub {
             hasher: Default::default(),
             seq: AtomicU64::new(0),
             id_prefix,
-            backplane,
+            backplane: outlets.backplane,
+            stream: outlets.stream,
         }));
         for (i, rx) in inboxes.into_iter().enumerate() {
             tracker.spawn(shard_loop(rx, cancel.clone()));
@@ -262,6 +283,14 @@ impl Hub {
             (None, _) => Ask::Recent(history),
             (Some(since), None) => Ask::Since(since, history),
             (Some(_), Some(c)) if c.recovered => Ask::Cluster {
+                // A room this node was already receiving (and still is): events of
+                // other nodes not yet taken are on their way and come in a batch.
+                in_flight: (!first && bp.is_up()).then(|| {
+                    c.logged
+                        .iter()
+                        .map(|(seq, origin)| (*origin != *self.0.node).then_some(*seq))
+                        .collect()
+                }),
                 events: c.events.into_iter().map(Arc::new).collect(),
                 after,
             },
@@ -454,7 +483,7 @@ impl Hub {
                 {
                     drop(st);
                     counter_inc(metrics::CHAT_SAMPLED_OUT);
-                    return Ok(self.next_id());
+                    return Ok(self.unsent(room, body, Status::SampledOut));
                 }
                 st.chat_in_window += 1;
                 st.chat_bytes_in_window += weight;
@@ -463,7 +492,7 @@ impl Hub {
                 if st.grabs_in_window >= self.0.cfg.max_grab_events {
                     drop(st);
                     counter_inc(metrics::GRAB_EVENTS_SAMPLED_OUT);
-                    return Ok(self.next_id());
+                    return Ok(self.unsent(room, body, Status::SampledOut));
                 }
                 st.grabs_in_window += 1;
             }
@@ -479,6 +508,9 @@ impl Hub {
         if event.body.droppable() && st.pending.len() >= self.0.cfg.max_pending {
             drop(st);
             metrics::hot().events_dropped.increment(1);
+            if self.0.stream.enabled() {
+                self.0.stream.event(room, Status::SampledOut, event);
+            }
             return Ok(id);
         }
         st.pending.push(event);
@@ -487,6 +519,21 @@ impl Hub {
         self.mark_dirty(&r, st);
         metrics::event(kind);
         Ok(id)
+    }
+
+    /// An event accepted but not broadcast: a fresh id, and a record on the event
+    /// stream with `status` (sampled out by a room budget, or filtered). Returns the id.
+    pub fn unsent(&self, room: &RoomId, body: EventBody, status: Status) -> String {
+        let id = self.next_id();
+        if self.0.stream.enabled() {
+            let event = Event {
+                id: id.clone(),
+                ts: now_ms(),
+                body,
+            };
+            self.0.stream.event(room, status, event);
+        }
+        id
     }
 
     /// Queues events that another node published (already merged and budgeted there).
@@ -600,7 +647,7 @@ mod tests {
             RoomConfig::default(),
             crate::config::MIN_OUT_FRAME_BYTES,
             1,
-            Arc::new(crate::backplane::Local),
+            Outlets::local("n"),
             &cancel,
             &tracker,
         );
@@ -664,7 +711,7 @@ mod tests {
             cfg,
             crate::config::MIN_OUT_FRAME_BYTES,
             2,
-            Arc::new(crate::backplane::Local),
+            Outlets::local("n"),
             &cancel,
             &tracker,
         );

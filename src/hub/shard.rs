@@ -11,8 +11,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{Conn, ConnId, Push};
-use super::log::{EventLog, Recovery};
+use super::log::Recovery;
 use super::room::Room;
+use super::room::RoomState;
 use super::window::Batch;
 use crate::metrics;
 use crate::protocol::{Event, RoomId};
@@ -40,21 +41,44 @@ pub(super) enum Ask {
     Since(String, usize),
     /// Recovered from the cluster log: `events`, and what this node delivered in its
     /// batches after `after` (read before the cluster log was, so nothing falls between).
-    Cluster { events: Vec<Arc<Event>>, after: u64 },
+    /// `in_flight`: per event, its log number when it came from another node, if this
+    /// node was receiving the room's events before the read (so one numbered above what
+    /// the room has taken yet is still on its way here, and comes in a batch).
+    Cluster {
+        events: Vec<Arc<Event>>,
+        in_flight: Option<Vec<Option<u64>>>,
+        after: u64,
+    },
     /// The cluster log could not recover: the last `n` events.
     Missed(usize),
 }
 
 impl Ask {
-    /// The answer, read from the room's log under its lock.
-    fn answer(self, log: &EventLog) -> Recovery {
+    /// The answer, read from the room's state under its lock.
+    fn answer(self, st: &RoomState) -> Recovery {
+        let log = &st.log;
         match self {
             Ask::Recent(n) | Ask::Missed(n) => Recovery {
                 events: log.recent(n),
                 recovered: false,
             },
             Ask::Since(since, n) => log.since(&since, n),
-            Ask::Cluster { mut events, after } => {
+            Ask::Cluster {
+                mut events,
+                in_flight,
+                after,
+            } => {
+                // Still on its way from another node: it comes in a batch.
+                if let Some(seqs) = in_flight {
+                    let mut seqs = seqs.into_iter();
+                    events.retain(|_| seqs.next().flatten().is_none_or(|seq| seq <= st.remote_seq));
+                }
+                // What already waits in the room's window goes out in its next batch,
+                // which reaches the member: not in `joined` too.
+                if !st.pending.is_empty() {
+                    let pending: HashSet<&str> = st.pending.iter().map(|e| e.id.as_str()).collect();
+                    events.retain(|e| !pending.contains(e.id.as_str()));
+                }
                 let mut ids: HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
                 for e in log.after_batch(after) {
                     if ids.insert(e.id.clone()) {
@@ -93,7 +117,7 @@ pub(super) async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: Cancell
                 // what it lacks comes in the member's next batches.
                 let (recent, seq) = {
                     let st = room.state.lock().expect("room lock");
-                    (ask.answer(&st.log), st.flushed)
+                    (ask.answer(&st), st.flushed)
                 };
                 rooms
                     .entry(room.id.clone())

@@ -26,6 +26,7 @@ pub mod filter;
 mod store;
 mod sync;
 
+use crate::stream::EventStream;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -129,6 +130,16 @@ pub enum Change {
 }
 
 impl Change {
+    /// The room it applies to; None for bans and filters (everywhere).
+    pub fn room(&self) -> Option<&RoomId> {
+        match self {
+            Change::Mute { room, .. }
+            | Change::Unmute { room, .. }
+            | Change::Settings { room, .. } => Some(room),
+            Change::Ban { .. } | Change::Unban { .. } | Change::Filters(_) => None,
+        }
+    }
+
     /// Low-cardinality label for metrics.
     pub fn action(&self) -> &'static str {
         match self {
@@ -274,6 +285,8 @@ pub struct Moderation {
     /// One local change at a time: the file store must write them in order.
     turn: tokio::sync::Mutex<()>,
     meters: Meters,
+    /// Every change made through this node is recorded on the event stream.
+    stream: Arc<EventStream>,
 }
 
 impl Moderation {
@@ -284,12 +297,13 @@ impl Moderation {
     pub async fn open_local(
         node: Arc<str>,
         dir: &Path,
+        stream: Arc<EventStream>,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Arc<Self>, ModerationError> {
         let store = Store::file(dir);
         let state = store.load().await?.unwrap_or_default();
-        let m = Self::with_state(node, store, state).await?;
+        let m = Self::with_state(node, store, state, stream).await?;
         tracker.spawn(Arc::clone(&m).sweeper(cancel.clone()));
         Ok(m)
     }
@@ -302,6 +316,7 @@ impl Moderation {
     pub async fn open_redis(
         node: Arc<str>,
         link: Arc<RedisLink>,
+        stream: Arc<EventStream>,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Arc<Self>, ModerationError> {
@@ -313,7 +328,7 @@ impl Moderation {
                 State::default()
             }
         };
-        let m = Self::with_state(node, store, state).await?;
+        let m = Self::with_state(node, store, state, stream).await?;
         tracker.spawn(Arc::clone(&m).sweeper(cancel.clone()));
         tracker.spawn(sync::run(Arc::clone(&m), link, cancel.clone()));
         Ok(m)
@@ -323,6 +338,7 @@ impl Moderation {
         node: Arc<str>,
         store: Store,
         mut state: State,
+        stream: Arc<EventStream>,
     ) -> Result<Arc<Self>, ModerationError> {
         state.prune(now_ms());
         let filter = build_filter(state.lists.clone()).await?;
@@ -336,6 +352,7 @@ impl Moderation {
             slow: Mutex::new(HashMap::new()),
             turn: tokio::sync::Mutex::new(()),
             meters: Meters::new(),
+            stream,
         });
         m.update_gauges();
         Ok(m)
@@ -502,6 +519,10 @@ impl Moderation {
             .write(&self.node, &change, after.as_ref())
             .await?;
         counter!(names::MODERATION_ACTIONS, "action" => change.action()).increment(1);
+        if self.stream.enabled() {
+            let json = serde_json::to_value(&change).unwrap_or_default();
+            self.stream.change(change.room(), change.action(), json);
+        }
         self.apply_here(&change, prebuilt).await;
         Ok(Applied::Done)
     }

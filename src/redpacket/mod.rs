@@ -459,7 +459,6 @@ impl RedPackets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backplane::Local;
     use crate::config::RoomConfig;
     use crate::redpacket::local::LocalStore;
 
@@ -474,7 +473,7 @@ mod tests {
             RoomConfig::default(),
             crate::config::MIN_OUT_FRAME_BYTES,
             1,
-            Arc::new(Local),
+            crate::hub::Outlets::local("t"),
             &cancel,
             &tracker,
         );

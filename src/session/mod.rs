@@ -38,6 +38,7 @@ use crate::protocol::{
 };
 use crate::ratelimit::{Action, Key};
 use crate::shared::Shared;
+use crate::stream::Status;
 use crate::wire;
 
 pub mod socket;
@@ -378,6 +379,12 @@ impl Session {
             Verdict::Pass => text,
             Verdict::Masked(masked) => masked,
             Verdict::Blocked => {
+                // Kept for moderation review: the stream's `filtered` record.
+                self.shared.hub.unsent(
+                    &room,
+                    protocol::EventBody::Chat { user, text },
+                    Status::Filtered,
+                );
                 return Err(ProtoError::new(
                     ErrorCode::Filtered,
                     "the message contains a blocked word",

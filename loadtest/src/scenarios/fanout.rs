@@ -918,7 +918,7 @@ impl Member {
                     return;
                 }
                 let reference = Self::take_ref(loc, Pending::Join);
-                let msg = proto::encode(sh.target.format, &ClientOp::Join { room, reference });
+                let msg = proto::encode_join(sh.target.format, room, None, reference);
                 if let Some(c) = conn.as_mut()
                     && let Err(e) = c.send(msg).await
                 {

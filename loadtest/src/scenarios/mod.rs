@@ -1,7 +1,8 @@
-//! The scenarios (`fanout`/`rooms`/`soak`, `redpacket`, `idle`, `storm`, `slowloris`) and what they
-//! share: the connection and SLO options common to all of them ([`ConnArgs`]), the
-//! bounded-concurrency connect phase with its bookkeeping ([`ConnectTracker`]), the
-//! bounded wait for connection tasks to end, and a small jitter RNG ([`Rng`]).
+//! The scenarios (`fanout`/`rooms`/`soak`, `redpacket`, `idle`, `storm`, `slowloris`,
+//! `reconnect`) and what they share: the connection and SLO options common to all of them
+//! ([`ConnArgs`]), the bounded-concurrency connect phase with its bookkeeping
+//! ([`ConnectTracker`]), the bounded wait for connection tasks to end, and a small jitter
+//! RNG ([`Rng`]).
 //!
 //! Every scenario is a fixed timeline (connect, maybe warm up / send / hold, drain,
 //! close) whose every step has a deadline, so a run always ends by itself.
@@ -9,6 +10,7 @@
 pub mod crowd;
 pub mod fanout;
 pub mod idle;
+pub mod reconnect;
 pub mod redpacket;
 pub mod slowloris;
 pub mod storm;
@@ -518,23 +520,7 @@ impl UsageWatch {
         let wall = self.start.elapsed().as_secs_f64();
         let usage = |pid: &str, before: &crate::sys::ProcSample| {
             let after = crate::sys::proc_sample(pid)?;
-            let user = after.user_s - before.user_s;
-            let sys = after.sys_s - before.sys_s;
-            Some(ProcessUsage {
-                pid: pid.to_string(),
-                cpu_s: round3(user + sys),
-                user_s: round3(user),
-                sys_s: round3(sys),
-                cpu_cores: if wall > 0.0 {
-                    round3((user + sys) / wall)
-                } else {
-                    0.0
-                },
-                rss_before_bytes: before.rss_bytes,
-                rss_after_bytes: after.rss_bytes,
-                hwm_before_bytes: before.hwm_bytes,
-                hwm_after_bytes: after.hwm_bytes,
-            })
+            Some(ProcessUsage::between(pid, before, &after, wall))
         };
         Usage {
             wall_s: round3(wall),
@@ -544,30 +530,64 @@ impl UsageWatch {
     }
 }
 
+impl ProcessUsage {
+    /// What process `pid` used between two readings `wall` seconds apart.
+    pub fn between(
+        pid: &str,
+        before: &crate::sys::ProcSample,
+        after: &crate::sys::ProcSample,
+        wall: f64,
+    ) -> Self {
+        let user = after.user_s - before.user_s;
+        let sys = after.sys_s - before.sys_s;
+        Self {
+            pid: pid.to_string(),
+            cpu_s: round3(user + sys),
+            user_s: round3(user),
+            sys_s: round3(sys),
+            cpu_cores: if wall > 0.0 {
+                round3((user + sys) / wall)
+            } else {
+                0.0
+            },
+            rss_before_bytes: before.rss_bytes,
+            rss_after_bytes: after.rss_bytes,
+            hwm_before_bytes: before.hwm_bytes,
+            hwm_after_bytes: after.hwm_bytes,
+        }
+    }
+
+    /// Appends `<name> cpu` and `<name> rss` rows to a human table.
+    pub fn rows(&self, t: &mut Table, name: &str) {
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1 << 20));
+        t.row(
+            &format!("{name} cpu"),
+            format!(
+                "{} s (user {} + sys {}), {} cores avg  [pid {}]",
+                self.cpu_s, self.user_s, self.sys_s, self.cpu_cores, self.pid
+            ),
+        )
+        .row(
+            &format!("{name} rss"),
+            format!(
+                "{} -> {}, peak (VmHWM) {} -> {}",
+                mib(self.rss_before_bytes),
+                mib(self.rss_after_bytes),
+                mib(self.hwm_before_bytes),
+                mib(self.hwm_after_bytes)
+            ),
+        );
+    }
+}
+
 impl Usage {
     /// Appends a `process usage` section to a human table.
     pub fn rows(&self, t: &mut Table) {
-        let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1 << 20));
         t.section(&format!("process usage over {} s", self.wall_s));
         for (name, u) in [("gateway", &self.gateway), ("loadtest", &self.loadtest)] {
-            let Some(u) = u else { continue };
-            t.row(
-                &format!("{name} cpu"),
-                format!(
-                    "{} s (user {} + sys {}), {} cores avg  [pid {}]",
-                    u.cpu_s, u.user_s, u.sys_s, u.cpu_cores, u.pid
-                ),
-            )
-            .row(
-                &format!("{name} rss"),
-                format!(
-                    "{} -> {}, peak (VmHWM) {} -> {}",
-                    mib(u.rss_before_bytes),
-                    mib(u.rss_after_bytes),
-                    mib(u.hwm_before_bytes),
-                    mib(u.hwm_after_bytes)
-                ),
-            );
+            if let Some(u) = u {
+                u.rows(t, name);
+            }
         }
     }
 }
