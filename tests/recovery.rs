@@ -273,3 +273,50 @@ async fn a_bad_since_is_a_bad_request() {
     assert_eq!(r["code"], "bad_request", "{r}");
     gw.stop().await;
 }
+
+/// The member's shard may write the room's batches the moment it registers the member,
+/// but `joined` goes first: a viewer that dropped frames before `joined` (as a client
+/// waiting for its reply does) would miss events a recovery claimed to cover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joined_always_comes_before_the_rooms_batches_in_a_busy_room() {
+    let gw = Gateway::start_with(|cfg| cfg.room.batch_ms = 1).await;
+    let addr = gw.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        let stop = std::sync::Arc::clone(&stop);
+        busy.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                support::http(
+                    addr,
+                    "POST",
+                    "/api/v1/rooms/r/events",
+                    Some(support::API_TOKEN),
+                    Some(&json!({"type":"system","text":format!("tick {i}")}).to_string()),
+                )
+                .await;
+            }
+        }));
+    }
+    let mut joins = Vec::new();
+    for n in 0..300 {
+        let mut c = gw.client("").await;
+        joins.push(tokio::spawn(async move {
+            c.send(json!({"op":"join","room":"r","ref":n,"history":100}))
+                .await;
+            let first = c.recv().await;
+            assert_eq!(first["op"], "joined", "join {n}: {first}");
+            c
+        }));
+    }
+    for j in joins {
+        drop(j.await.expect("the first frame after hello is joined"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for b in busy {
+        b.await.unwrap();
+    }
+    gw.stop().await;
+}

@@ -65,6 +65,10 @@ struct OutQueue {
     /// Bytes of the front frame already on the wire (a partial write).
     written: usize,
     closed: bool,
+    /// Set while a `join` is in flight: the member may already be registered with a
+    /// shard, but its `joined` reply must go out before the room's batches, so nothing
+    /// is written inline until [`Conn::push_joined`] (or [`Conn::unhold`]).
+    hold: bool,
     /// The plain socket deliveries write to inline; `None` for TLS members (their
     /// session writes everything) and once closed (so the descriptor goes with the
     /// session, whatever shard still holds this `Conn`).
@@ -92,6 +96,15 @@ struct Outbound {
     pub frame: Bytes,
     /// When the oldest event in it was accepted, for the end-to-end latency histogram.
     pub accepted: Instant,
+}
+
+/// What is being queued: a room's delivery (the cap applies), the session's own reply,
+/// or a held join's `joined` (which goes first and ends the hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Delivery { droppable: bool },
+    Reply,
+    Joined,
 }
 
 /// Outcome of queueing one frame to a member.
@@ -135,7 +148,7 @@ impl Conn {
 
     /// Queues `msg` without waiting; applies the slow-consumer policy when full.
     pub fn push(&self, frame: &Bytes, accepted: Instant, droppable: bool) -> Push {
-        self.offer(frame, accepted, Some(droppable))
+        self.offer_as(frame, accepted, Kind::Delivery { droppable })
     }
 
     /// Sends one of the session's own frames (a reply, a ping, the close): written at
@@ -143,18 +156,61 @@ impl Conn {
     /// (the session then waits for the queue to drain before it reads on, which bounds
     /// it).
     pub fn push_reply(&self, frame: &Bytes) -> Push {
-        self.offer(frame, Instant::now(), None)
+        self.offer_as(frame, Instant::now(), Kind::Reply)
     }
 
-    /// `droppable`: `None` for the session's own frames, which the cap does not apply to.
-    fn offer(&self, frame: &Bytes, accepted: Instant, droppable: Option<bool>) -> Push {
+    /// Holds inline writes while a `join` is in flight (see `OutQueue::hold`).
+    pub fn hold(&self) {
+        self.queue.lock().expect("outbound lock").hold = true;
+    }
+
+    /// Ends a hold without a `joined` (the join failed): what was queued meanwhile goes.
+    pub fn unhold(&self) {
+        let more = {
+            let mut q = self.queue.lock().expect("outbound lock");
+            q.hold = false;
+            !q.frames.is_empty()
+        };
+        if more {
+            self.queued.notify_one();
+        }
+    }
+
+    /// Sends the `joined` reply ahead of every batch queued while the join was held
+    /// (behind only a frame already begun on the wire), and ends the hold, in one step:
+    /// no batch can slip onto the socket in between.
+    pub fn push_joined(&self, frame: &Bytes) -> Push {
+        self.offer_as(frame, Instant::now(), Kind::Joined)
+    }
+
+    /// Writes `frame` at once when nothing is queued (and no join holds the socket),
+    /// else queues it; a delivery over the cap meets the slow-consumer policy.
+    fn offer_as(&self, frame: &Bytes, accepted: Instant, kind: Kind) -> Push {
         {
             let mut q = self.queue.lock().expect("outbound lock");
             if q.closed {
                 return Push::Gone;
             }
+            if kind == Kind::Joined {
+                q.hold = false;
+                if !q.frames.is_empty() {
+                    // Ahead of the held batches, behind a frame begun on the wire.
+                    let at = usize::from(q.written > 0);
+                    q.frames.insert(
+                        at,
+                        Outbound {
+                            frame: frame.clone(),
+                            accepted,
+                        },
+                    );
+                    drop(q);
+                    self.queued.notify_one();
+                    return Push::Queued;
+                }
+            }
             let mut written = 0;
             if q.frames.is_empty()
+                && !q.hold
                 && let Some(tcp) = &q.tcp
             {
                 // Any error but "full" is left for the session: its own write of the
@@ -167,7 +223,7 @@ impl Conn {
                 }
             }
             // A partly written frame only happens on an empty queue, never over the cap.
-            if let Some(droppable) = droppable
+            if let Kind::Delivery { droppable } = kind
                 && q.frames.len() >= self.cap
             {
                 drop(q);

@@ -322,6 +322,7 @@ impl Session {
                 asked: history,
                 redpackets: self.open_packets(&room).await,
                 room,
+                held: false,
             });
         }
         if self.rooms.len() >= self.shared.cfg.limits.rooms_per_conn {
@@ -336,7 +337,14 @@ impl Session {
         // Read before joining: once the hub has registered us, the room's batches may be
         // written, and nothing may wait between that and the `joined` reply.
         let redpackets = self.open_packets(&room).await;
-        match hub.join(&room, &self.conn, history, since).await {
+        // From the shard's registration on, the room's batches may come; they wait
+        // until `joined` is on its way (see `reply`).
+        self.conn.hold();
+        let joined = hub.join(&room, &self.conn, history, since).await;
+        if joined.is_err() {
+            self.conn.unhold();
+        }
+        match joined {
             Ok(joined) => {
                 self.rooms.push(room.clone());
                 Ok(Reply::Joined {
@@ -346,6 +354,7 @@ impl Session {
                     history: joined.history,
                     recovered: joined.recovered,
                     asked: history,
+                    held: true,
                 })
             }
             Err(JoinError::RoomFull) => Err(ProtoError::new(ErrorCode::RoomFull, "room is full")),
@@ -493,19 +502,26 @@ impl Session {
                 recovered,
                 asked,
                 redpackets,
-            }) => joined_within(
-                &JoinedParts {
-                    room: &room,
-                    online,
-                    history: &history,
-                    recovered,
-                    asked,
-                    redpackets: &redpackets,
-                },
-                reference,
-                format,
-                self.shared.cfg.limits.max_out_frame_bytes,
-            ),
+                held,
+            }) => {
+                let msg = joined_within(
+                    &JoinedParts {
+                        room: &room,
+                        online,
+                        history: &history,
+                        recovered,
+                        asked,
+                        redpackets: &redpackets,
+                    },
+                    reference,
+                    format,
+                    self.shared.cfg.limits.max_out_frame_bytes,
+                );
+                if held {
+                    return write_joined(ws, &self.conn, self.heartbeat, msg).await;
+                }
+                msg
+            }
             Ok(Reply::Grabbed(amount)) => wire::encode(
                 &ServerFrame::Ack {
                     reference,
@@ -618,11 +634,34 @@ async fn write_one(
     heartbeat: Duration,
     msg: Bytes,
 ) -> Result<(), End> {
-    match conn.push_reply(&msg) {
+    let pushed = conn.push_reply(&msg);
+    finish_write(ws, conn, heartbeat, msg.len(), pushed).await
+}
+
+/// Writes a held join's `joined` ahead of the batches queued meanwhile.
+async fn write_joined(
+    ws: &mut Socket,
+    conn: &Conn,
+    heartbeat: Duration,
+    msg: Bytes,
+) -> Result<(), End> {
+    let pushed = conn.push_joined(&msg);
+    finish_write(ws, conn, heartbeat, msg.len(), pushed).await
+}
+
+/// Counts a frame written at once, or writes the queue it joined.
+async fn finish_write(
+    ws: &mut Socket,
+    conn: &Conn,
+    heartbeat: Duration,
+    len: usize,
+    pushed: Push,
+) -> Result<(), End> {
+    match pushed {
         Push::Written => {
             let hot = metrics::hot();
             hot.frames_out.increment(1);
-            hot.bytes_out.increment(msg.len() as u64);
+            hot.bytes_out.increment(len as u64);
             Ok(())
         }
         // Boxed: the catch-up is the slow path, and inline its future would sit in every
@@ -658,6 +697,8 @@ enum Reply {
         /// The `history` the join asked for.
         asked: usize,
         redpackets: Vec<protocol::OpenPacket>,
+        /// The connection's writes were held for this join ([`Conn::hold`]).
+        held: bool,
     },
     Ack,
     /// `ack` of a grab, with the amount won.
