@@ -60,6 +60,7 @@ pub struct Config {
     pub presence: PresenceConfig,
     pub web: WebConfig,
     pub stream: StreamConfig,
+    pub compression: CompressionConfig,
     /// The gift catalog: what clients may send (free) and what only the backend may (paid).
     pub gifts: Vec<GiftConfig>,
 }
@@ -80,6 +81,7 @@ impl Default for Config {
             presence: Default::default(),
             web: Default::default(),
             stream: Default::default(),
+            compression: Default::default(),
             gifts: vec![
                 GiftConfig::new("rose", "Rose", true),
                 GiftConfig::new("heart", "Heart", true),
@@ -254,6 +256,30 @@ impl Default for StreamConfig {
             max_len: 1_000_000,
             shards: 1,
             max_file_mb: 256,
+        }
+    }
+}
+
+/// permessage-deflate (RFC 7692, PROTOCOL.md v1.1): room batches deflated once per
+/// window and format, shared by every member that negotiated it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Accept a client's `permessage-deflate` offer.
+    pub enabled: bool,
+    /// Frames smaller than this go plain (RSV1 clear): deflating them saves a few bytes
+    /// for the CPU of a whole deflate.
+    pub min_bytes: usize,
+    /// zlib level, 1 (fastest) to 9 (smallest).
+    pub level: u32,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_bytes: 256,
+            level: 1,
         }
     }
 }
@@ -570,6 +596,11 @@ impl Config {
             self.stream.max_file_mb >= 1,
             "stream.max_file_mb",
             "must be at least 1",
+        )?;
+        check(
+            (1..=9).contains(&self.compression.level),
+            "compression.level",
+            "must be 1 to 9",
         )?;
         check(
             self.server.heartbeat_ms >= 100,

@@ -20,7 +20,6 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use tungstenite::protocol::WebSocketConfig;
 
 pub mod moderation;
 
@@ -29,14 +28,10 @@ use crate::metrics;
 use crate::protocol::{EventBody, Format, RoomId, User};
 use crate::redpacket::{CreateError, CreateRequest};
 use crate::session;
+use crate::session::socket::ReadConfig;
 use crate::shared::Shared;
 use crate::upgrade::{UpgradeError, WsUpgrade};
 
-/// Inbound read buffer per socket, held for the connection's life. tungstenite's default
-/// (128 KiB, zero-filled on read) would cost far more than the whole connection budget
-/// (3 KiB); a client's op is a few hundred bytes, and a larger frame grows the buffer
-/// while it is read.
-const WS_READ_BUFFER: usize = 512;
 /// Largest API request body. Events and red-packet requests are a few hundred bytes; a
 /// client frame may be 64 KiB, and a backend's event need not be larger.
 const API_MAX_BODY: usize = 64 * 1024;
@@ -231,14 +226,10 @@ async fn ws_upgrade(
     let upgrade = upgrade
         .map_err(|e| HttpError::bad_request(format!("expected a WebSocket upgrade: {e}")))?;
     let (format, subprotocol) = negotiate_format(format_param, &headers)?;
-    let limit = shared.cfg.limits.max_frame_bytes;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(WS_READ_BUFFER)
-        // tungstenite writes only its pongs and close replies, into a capture buffer;
-        // frames of ours never pass through it.
-        .write_buffer_size(0)
-        .max_message_size(Some(limit))
-        .max_frame_size(Some(limit));
+    let config = ReadConfig {
+        max_message: shared.cfg.limits.max_frame_bytes,
+        deflate: shared.cfg.compression.enabled && upgrade.deflate_offered(),
+    };
     let params = session::Params {
         user,
         format,

@@ -58,6 +58,11 @@ pub const STREAM_DROPPED: &str = "danmaku_stream_dropped_total";
 pub const STREAM_ERRORS: &str = "danmaku_stream_errors_total";
 pub const STREAM_LAG: &str = "danmaku_stream_lag_seconds";
 pub const STREAM_QUEUED: &str = "danmaku_stream_queued";
+pub const DEFLATE_SECONDS: &str = "danmaku_deflate_seconds";
+pub const DEFLATE_FRAMES: &str = "danmaku_deflate_frames_total";
+pub const DEFLATE_BYTES: &str = "danmaku_deflate_bytes_total";
+pub const DELIVERIES_DEFLATED: &str = "danmaku_deliveries_deflated_total";
+pub const CONNECTIONS_DEFLATE: &str = "danmaku_connections_deflate_total";
 
 /// Every `action` of [`MODERATION_ACTIONS`].
 pub const MODERATION_ACTION_LABELS: [&str; 7] = [
@@ -111,9 +116,23 @@ pub struct Hot {
     pub broadcast_latency: Histogram,
     pub outbound_dropped: Counter,
     pub events_dropped: Counter,
+    /// Batch frames queued to members that negotiated permessage-deflate, deflated.
+    pub deliveries_deflated: Counter,
+    pub deflate: DeflateHandles,
     /// One per [`CloseCode::ALL`] (same order), then `peer`, then `error`.
     closed: [Counter; CLOSED_LABELS],
     errors: [Counter; ErrorCode::ALL.len()],
+}
+
+/// Counted once per window and format deflated (never per member).
+pub struct DeflateHandles {
+    /// Seconds to deflate one window's frames in one format.
+    pub seconds: Histogram,
+    pub compressed: Counter,
+    /// Frames shared plain with deflate members (small, or no gain).
+    pub plain: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
 }
 
 impl Hot {
@@ -143,6 +162,11 @@ pub fn recovery(recovered: bool) {
 }
 
 /// Counts an action refused by a rate limit.
+/// A connection opened, by whether it negotiated permessage-deflate.
+pub fn connection_deflate(deflate: bool) {
+    counter!(CONNECTIONS_DEFLATE, "deflate" => if deflate { "yes" } else { "no" }).increment(1);
+}
+
 pub fn rate_limited(action: &'static str) {
     counter!(RATE_LIMITED, "action" => action).increment(1);
 }
@@ -206,6 +230,16 @@ pub fn install() -> PrometheusHandle {
                     &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
                 )
                 .and_then(|b| {
+                    // A window deflates in microseconds; the generic buckets start at 1 ms.
+                    b.set_buckets_for_metric(
+                        Matcher::Full(DEFLATE_SECONDS.into()),
+                        &[
+                            0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5,
+                            0.001, 0.0025, 0.01,
+                        ],
+                    )
+                })
+                .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Suffix("_seconds".into()),
                         &[
@@ -253,6 +287,14 @@ pub fn hot() -> &'static Hot {
             broadcast_latency: histogram!(BROADCAST_LATENCY),
             outbound_dropped: counter!(OUTBOUND_DROPPED),
             events_dropped: counter!(EVENTS_DROPPED),
+            deliveries_deflated: counter!(DELIVERIES_DEFLATED),
+            deflate: DeflateHandles {
+                seconds: histogram!(DEFLATE_SECONDS),
+                compressed: counter!(DEFLATE_FRAMES, "result" => "compressed"),
+                plain: counter!(DEFLATE_FRAMES, "result" => "plain"),
+                bytes_in: counter!(DEFLATE_BYTES, "stage" => "in"),
+                bytes_out: counter!(DEFLATE_BYTES, "stage" => "out"),
+            },
             closed: std::array::from_fn(closed_label),
             errors: ErrorCode::ALL.map(|c| counter!(ERRORS, "code" => c.as_str())),
         }
@@ -263,6 +305,9 @@ pub fn hot() -> &'static Hot {
 /// first increment (a series born at 1 has no earlier point to compute a rate from).
 fn preregister() {
     use crate::backplane as bp;
+    for deflate in ["yes", "no"] {
+        counter!(CONNECTIONS_DEFLATE, "deflate" => deflate).increment(0);
+    }
     for reason in ["draining", "max_conns", "max_conns_per_ip", "banned"] {
         counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(0);
     }
@@ -378,6 +423,26 @@ fn describe() {
     describe_counter!(BATCHES, "Batches flushed (one per room per window).");
     describe_histogram!(BATCH_EVENTS, "Events per flushed batch.");
     describe_counter!(DELIVERIES, "Batch frames queued to members.");
+    describe_counter!(
+        DELIVERIES_DEFLATED,
+        "Batch frames queued to members that negotiated permessage-deflate, sent deflated (RSV1)."
+    );
+    describe_histogram!(
+        DEFLATE_SECONDS,
+        "Seconds to deflate one room window's frames in one format (once per window, shared by every member that negotiated permessage-deflate)."
+    );
+    describe_counter!(
+        DEFLATE_FRAMES,
+        "Window frames prepared for permessage-deflate members: compressed, or plain (under compression.min_bytes, or no gain)."
+    );
+    describe_counter!(
+        DEFLATE_BYTES,
+        "Bytes of window frames before (stage=in) and after (stage=out) deflating, once per window."
+    );
+    describe_counter!(
+        CONNECTIONS_DEFLATE,
+        "Connections opened, by whether they negotiated permessage-deflate (deflate=yes|no)."
+    );
     describe_histogram!(
         BROADCAST_LATENCY,
         "Seconds from an event accepted (first of its window) to its frame written to a member."

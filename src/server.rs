@@ -132,7 +132,13 @@ pub async fn run(
     let hub = Hub::start(
         node.clone(),
         cfg.room.clone(),
-        cfg.limits.max_out_frame_bytes,
+        crate::hub::Encoding {
+            max_frame: cfg.limits.max_out_frame_bytes,
+            deflate: cfg
+                .compression
+                .enabled
+                .then(|| crate::wire::Deflate::from(&cfg.compression)),
+        },
         cfg.shard_count(),
         Outlets {
             backplane: Arc::clone(&backplane),

@@ -26,7 +26,7 @@ use support::{
 use tokio_tungstenite::tungstenite::Message;
 
 /// Rows the dashboard must have (case-insensitive prefixes of row titles).
-const ROWS: [&str; 10] = [
+const ROWS: [&str; 11] = [
     "traffic",
     "latency",
     "rooms",
@@ -37,6 +37,7 @@ const ROWS: [&str; 10] = [
     "moderation",
     "recovery",
     "event stream",
+    "compression",
 ];
 
 /// The process collector's metrics the dashboard's Process row relies on.

@@ -216,3 +216,38 @@ async fn recovery_off_in_a_cluster_answers_false() {
     assert_eq!(joined["recovered"], false, "{joined}");
     a.stop().await;
 }
+
+#[tokio::test]
+async fn a_reconnect_storm_with_one_since_recovers_every_viewer_exactly() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis).await;
+    let x = post(a.addr, "r", json!({"type":"system","text":"last seen"})).await;
+    // The gap, logged before anyone comes back.
+    let mut gap = Vec::new();
+    for i in 0..5 {
+        gap.push(post(a.addr, "r", gift(&format!("g{i}"))).await);
+    }
+    let mut watcher = a.client("room=r").await;
+    watcher.recv_op("joined").await;
+    let after = post(a.addr, "r", json!({"type":"system","text":"after"})).await;
+    ids_until(&mut watcher, "r", &after).await;
+    gap.push(after);
+
+    // 60 viewers that saw X last join B at once: their recoveries queue together and
+    // may share one script call; each must still get exactly the gap.
+    let evals_before = redis.command_calls("eval");
+    let mut viewers = Vec::new();
+    for _ in 0..60 {
+        viewers.push(b.client("").await);
+    }
+    let joins = viewers.iter_mut().map(|v| join_since(v, "r", &x));
+    for joined in futures_util::future::join_all(joins).await {
+        assert_eq!(joined["recovered"], true, "{joined}");
+        assert_eq!(history_ids(&joined), gap, "{joined}");
+    }
+    let evals = redis.command_calls("eval") - evals_before;
+    eprintln!("60 recoveries took {evals} EVAL calls (shared where they queued together)");
+    drop((viewers, watcher));
+    a.stop().await;
+    b.stop().await;
+}

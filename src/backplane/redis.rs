@@ -550,38 +550,56 @@ impl RedisBackplane {
     }
 
     /// Sends one pipeline: each room's windows and recoveries in queue order.
+    ///
+    /// Recoveries of one room with the same `since` that follow each other in a room's
+    /// queue (no window of the room between them) share one `LOG_RECOVER` call: a node's
+    /// viewers that lost their connection together saw the same last event, and in a
+    /// reconnect storm thousands ask the same question. Sharing is exact: every asker
+    /// was registered in the room before its ask was queued, and the one call runs after
+    /// all of them were queued, with nothing of this room logged in between.
     async fn send(&self, conn: &mut Conn, batch: &mut Vec<Outgoing>) {
         let mut groups: Vec<Vec<redis::Cmd>> = Vec::new();
         let mut group_of: HashMap<RoomId, usize> = HashMap::new();
+        // Per group, the `since` and index of its last command when that is a recovery.
+        let mut last_recover: HashMap<usize, (&str, usize)> = HashMap::new();
         // Per item, where its reply lands: (group, index in group).
         let mut slots = Vec::with_capacity(batch.len());
         let publish_cmd = conn.publish_cmd();
         for m in batch.iter() {
-            let (room, cmd) = match m {
+            let room = match m {
+                Outgoing::Window { room, .. } | Outgoing::Recover { room, .. } => room,
+            };
+            let g = *group_of.entry(room.clone()).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            let cmd = match m {
                 Outgoing::Window {
                     room,
                     envelope,
                     events,
                     ..
-                } => (
-                    room,
-                    self.append_cmd(room, self.take_gap(room), envelope, events, publish_cmd),
-                ),
-                Outgoing::Recover { room, since, .. } => (
-                    room,
+                } => {
+                    last_recover.remove(&g);
+                    self.append_cmd(room, self.take_gap(room), envelope, events, publish_cmd)
+                }
+                Outgoing::Recover { room, since, .. } => {
+                    if let Some(&(asked, i)) = last_recover.get(&g)
+                        && asked == since
+                    {
+                        slots.push((g, i));
+                        continue;
+                    }
+                    last_recover.insert(g, (since, groups[g].len()));
                     redis::cmd("EVAL")
                         .arg(LOG_RECOVER)
                         .arg(2)
                         .arg(log_key(room))
                         .arg(log_index_key(room))
                         .arg(since)
-                        .to_owned(),
-                ),
+                        .to_owned()
+                }
             };
-            let g = *group_of.entry(room.clone()).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
             slots.push((g, groups[g].len()));
             groups[g].push(cmd);
         }
@@ -598,12 +616,12 @@ impl RedisBackplane {
             .filter(|m| matches!(m, Outgoing::Window { .. }))
             .count() as u64;
         match result {
-            Ok(mut replies) => {
+            Ok(replies) => {
                 ::metrics::counter!(PUBLISHED).increment(windows);
                 for (m, (g, i)) in batch.drain(..).zip(slots) {
                     if let Outgoing::Recover { reply, .. } = m {
-                        let v = std::mem::replace(&mut replies[offsets[g] + i], Value::Nil);
-                        let _ = reply.send(Some(v));
+                        // Shared replies are cloned: one recovery's worth per asker.
+                        let _ = reply.send(Some(replies[offsets[g] + i].clone()));
                     }
                 }
             }

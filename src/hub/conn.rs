@@ -45,6 +45,8 @@ pub type ConnId = u64;
 pub struct Conn {
     pub id: ConnId,
     pub format: Format,
+    /// The client negotiated permessage-deflate: it gets the deflated window frames.
+    pub deflate: bool,
     /// Bounded by `cap`: the slow-consumer policy applies when it is full.
     queue: Mutex<OutQueue>,
     cap: usize,
@@ -122,19 +124,21 @@ pub enum Push {
 impl Conn {
     /// A connection whose outbound queue holds at most `queue` frames.
     pub fn new(id: ConnId, format: Format, queue: usize) -> Arc<Conn> {
-        Self::with_socket(id, format, queue, None)
+        Self::with_socket(id, format, false, queue, None)
     }
 
     /// A connection whose deliveries are written inline to `tcp` when nothing is queued.
     pub fn with_socket(
         id: ConnId,
         format: Format,
+        deflate: bool,
         queue: usize,
         tcp: Option<Arc<TcpStream>>,
     ) -> Arc<Conn> {
         Arc::new(Conn {
             id,
             format,
+            deflate,
             queue: Mutex::new(OutQueue {
                 tcp,
                 ..OutQueue::default()

@@ -216,7 +216,7 @@ impl Hub {
             seq,
             events,
             accepted,
-            self.0.max_frame,
+            self.0.encoding,
         ));
         for (shard, members) in room.per_shard.iter().enumerate() {
             if members.load(Ordering::Acquire) > 0 {

@@ -59,7 +59,7 @@ pub mod window;
 
 pub use conn::{Conn, ConnId, Push, Written};
 pub use log::Recovery;
-pub use window::Batch;
+pub use window::{Batch, Encoding};
 
 use log::{EventLog, LogBounds};
 use room::{Room, RoomState, chat_weight};
@@ -112,8 +112,8 @@ struct Inner {
     cfg: RoomConfig,
     /// Each room's event log bounds.
     log_bounds: LogBounds,
-    /// `limits.max_out_frame_bytes`: windows are cut into frames within it.
-    max_frame: usize,
+    /// How windows are cut into frames (`limits.max_out_frame_bytes`) and deflated.
+    encoding: Encoding,
     rooms: DashMap<RoomId, Arc<Room>>,
     shards: Box<[flume::Sender<ShardCmd>]>,
     /// Per flusher, its urgent rooms and wake-up.
@@ -132,7 +132,7 @@ impl Hub {
     pub fn start(
         node: Arc<str>,
         cfg: RoomConfig,
-        max_frame: usize,
+        encoding: Encoding,
         shards: usize,
         outlets: Outlets,
         cancel: &CancellationToken,
@@ -156,7 +156,7 @@ impl Hub {
             node,
             cfg,
             log_bounds,
-            max_frame,
+            encoding,
             rooms: DashMap::new(),
             shards: senders.into(),
             flushers: (0..shards).map(|_| flusher::Inbox::default()).collect(),
@@ -204,6 +204,7 @@ impl Hub {
                     pending: Vec::new(),
                     local: Vec::new(),
                     remote_seq: 0,
+                    first_remote_seq: None,
                     log: EventLog::new(self.0.log_bounds),
                     dirty: false,
                     next_flush: None,
@@ -284,7 +285,8 @@ impl Hub {
             (Some(since), None) => Ask::Since(since, history),
             (Some(_), Some(c)) if c.recovered => Ask::Cluster {
                 // A room this node was already receiving (and still is): events of
-                // other nodes not yet taken are on their way and come in a batch.
+                // other nodes not yet taken may be on their way and come in a batch
+                // (which ones is decided under the room's lock, see `Ask::answer`).
                 in_flight: (!first && bp.is_up()).then(|| {
                     c.logged
                         .iter()
@@ -549,6 +551,7 @@ impl Hub {
         if let (Some(first), Some(n)) = (first_seq, events.len().checked_sub(1)) {
             // The latest, not the highest: a Redis that lost its data numbers anew.
             st.remote_seq = first + n as u64;
+            st.first_remote_seq.get_or_insert(first);
         }
         for e in events {
             if !st.seeded.is_empty() && st.seeded.remove(&e.id) {
@@ -645,7 +648,7 @@ mod tests {
         let hub = Hub::start(
             Arc::from("n"),
             RoomConfig::default(),
-            crate::config::MIN_OUT_FRAME_BYTES,
+            Encoding::plain(crate::config::MIN_OUT_FRAME_BYTES),
             1,
             Outlets::local("n"),
             &cancel,
@@ -709,7 +712,7 @@ mod tests {
         let hub = Hub::start(
             Arc::from("n"),
             cfg,
-            crate::config::MIN_OUT_FRAME_BYTES,
+            Encoding::plain(crate::config::MIN_OUT_FRAME_BYTES),
             2,
             Outlets::local("n"),
             &cancel,

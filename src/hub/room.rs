@@ -33,6 +33,11 @@ pub(super) struct RoomState {
     pub(super) local: Vec<Option<u64>>,
     /// Cluster log number of the last event taken from another node.
     pub(super) remote_seq: u64,
+    /// Cluster log number of the first event this room state took from another node.
+    /// Pub/sub is ordered and lossless while subscribed, so every event numbered from it
+    /// on reaches this node, and none numbered below it ever will: what a recovery
+    /// answer may leave to the member's batches (see `shard::Ask::Cluster`).
+    pub(super) first_remote_seq: Option<u64>,
     /// Recent non-presence events, oldest first: the history and the recovery log.
     pub(super) log: EventLog,
     /// Whether the current window holds events not yet flushed: the room is then on its

@@ -42,8 +42,11 @@ pub(super) enum Ask {
     /// Recovered from the cluster log: `events`, and what this node delivered in its
     /// batches after `after` (read before the cluster log was, so nothing falls between).
     /// `in_flight`: per event, its log number when it came from another node, if this
-    /// node was receiving the room's events before the read (so one numbered above what
-    /// the room has taken yet is still on its way here, and comes in a batch).
+    /// node was receiving the room's events before the read: one numbered above what
+    /// the room has taken yet, and not below the first it ever took (pub/sub brings
+    /// everything from that one on, nothing before it), is still on its way here and
+    /// comes in a batch. Before the room took any, nothing is left to the batches: a
+    /// member may then get an event twice (it drops it by id), never miss one.
     Cluster {
         events: Vec<Arc<Event>>,
         in_flight: Option<Vec<Option<u64>>>,
@@ -69,9 +72,13 @@ impl Ask {
                 after,
             } => {
                 // Still on its way from another node: it comes in a batch.
-                if let Some(seqs) = in_flight {
+                if let (Some(seqs), Some(first)) = (in_flight, st.first_remote_seq) {
                     let mut seqs = seqs.into_iter();
-                    events.retain(|_| seqs.next().flatten().is_none_or(|seq| seq <= st.remote_seq));
+                    events.retain(|_| {
+                        seqs.next()
+                            .flatten()
+                            .is_none_or(|seq| seq < first || seq <= st.remote_seq)
+                    });
                 }
                 // What already waits in the room's window goes out in its next batch,
                 // which reaches the member: not in `joined` too.
@@ -140,24 +147,31 @@ pub(super) async fn shard_loop(inbox: flume::Receiver<ShardCmd>, cancel: Cancell
                 let (mut queued, mut dropped) = (0u64, 0u64);
                 // Frames this shard wrote itself (the common case), counted once per
                 // window rather than per member.
-                let (mut written, mut bytes) = (0u64, 0u64);
+                let (mut written, mut bytes, mut deflated) = (0u64, 0u64, 0u64);
                 for (conn, joined_at) in members.values() {
                     if batch.seq <= *joined_at {
                         continue;
                     }
-                    for frame in batch.frames(conn.format) {
+                    for frame in batch.frames(conn.format, conn.deflate) {
                         match conn.push(&frame.bytes, batch.accepted, frame.droppable) {
                             Push::Written => {
                                 written += 1;
                                 bytes += frame.bytes.len() as u64;
+                                deflated += u64::from(frame.compressed);
                             }
-                            Push::Queued => queued += 1,
+                            Push::Queued => {
+                                queued += 1;
+                                deflated += u64::from(frame.compressed);
+                            }
                             Push::Dropped => dropped += 1,
                             Push::Killed | Push::Gone => break,
                         }
                     }
                 }
                 hot.deliveries.increment(queued + written);
+                if deflated > 0 {
+                    hot.deliveries_deflated.increment(deflated);
+                }
                 if written > 0 {
                     hot.frames_out.increment(written);
                     hot.bytes_out.increment(bytes);

@@ -8,12 +8,18 @@
 //! (far under the bound) costs exactly one encode. Each frame carries its own
 //! droppability, so for a slow consumer the chat-only frames of a cut window may be
 //! dropped while a frame holding a gift never is.
+//!
+//! Members that negotiated permessage-deflate get the same frames deflated
+//! ([`wire::deflate`]): built from the plain frames at most once per format, the first
+//! time such a member is written to, and shared like them. A frame under
+//! `compression.min_bytes`, or one deflate would not shrink, is shared plain.
 
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::metrics;
 use crate::protocol::{Event, Format, RoomId, ServerFrame};
 use crate::wire;
 
@@ -22,6 +28,27 @@ pub struct Frame {
     pub bytes: Bytes,
     /// Every event in it may be dropped for a slow consumer (chat, presence).
     pub droppable: bool,
+    /// RSV1 is set: the payload is deflated.
+    pub compressed: bool,
+}
+
+/// How a room's windows are cut and compressed.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoding {
+    /// `limits.max_out_frame_bytes`.
+    pub max_frame: usize,
+    /// `compression.*`; `None` when compression is off (no member negotiates it).
+    pub deflate: Option<wire::Deflate>,
+}
+
+impl Encoding {
+    /// Frames within `max_frame`, never deflated.
+    pub fn plain(max_frame: usize) -> Self {
+        Self {
+            max_frame,
+            deflate: None,
+        }
+    }
 }
 
 /// One window of one room's events, encoded lazily once per format and shared.
@@ -33,10 +60,11 @@ pub struct Batch {
     pub events: Vec<Arc<Event>>,
     /// When the window's first event was accepted on this node.
     pub accepted: Instant,
-    /// `limits.max_out_frame_bytes`.
-    max_frame: usize,
+    encoding: Encoding,
     json: OnceLock<Vec<Frame>>,
     msgpack: OnceLock<Vec<Frame>>,
+    json_deflated: OnceLock<Vec<Frame>>,
+    msgpack_deflated: OnceLock<Vec<Frame>>,
 }
 
 impl Batch {
@@ -45,27 +73,73 @@ impl Batch {
         seq: u64,
         events: Vec<Arc<Event>>,
         accepted: Instant,
-        max_frame: usize,
+        encoding: Encoding,
     ) -> Self {
         Self {
             room,
             seq,
             events,
             accepted,
-            max_frame,
+            encoding,
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
+            json_deflated: OnceLock::new(),
+            msgpack_deflated: OnceLock::new(),
         }
     }
 
-    /// The frames for `format`, in order; the first caller encodes, everyone shares them.
-    pub fn frames(&self, format: Format) -> &[Frame] {
-        let cell = match format {
-            Format::Json => &self.json,
-            Format::Msgpack => &self.msgpack,
+    /// The frames for `format`, deflated where `deflate` (the member negotiated
+    /// permessage-deflate and compression is on), in order; the first caller encodes,
+    /// everyone shares them.
+    pub fn frames(&self, format: Format, deflate: bool) -> &[Frame] {
+        let (plain, deflated) = match format {
+            Format::Json => (&self.json, &self.json_deflated),
+            Format::Msgpack => (&self.msgpack, &self.msgpack_deflated),
         };
-        cell.get_or_init(|| split(&self.room, &self.events, format, self.max_frame))
+        let plain =
+            plain.get_or_init(|| split(&self.room, &self.events, format, self.encoding.max_frame));
+        match self.encoding.deflate {
+            Some(settings) if deflate => deflated.get_or_init(|| deflate_all(plain, settings)),
+            _ => plain,
+        }
     }
+}
+
+/// `frames` for members that negotiated permessage-deflate; the time it takes and what
+/// it saves are counted once per window, not per member.
+fn deflate_all(frames: &[Frame], settings: wire::Deflate) -> Vec<Frame> {
+    let started = std::time::Instant::now();
+    let (mut bytes_in, mut bytes_out, mut compressed) = (0u64, 0u64, 0u64);
+    let out: Vec<Frame> = frames
+        .iter()
+        .map(|f| {
+            bytes_in += f.bytes.len() as u64;
+            let frame = match wire::deflate(&f.bytes, settings) {
+                Some(bytes) => {
+                    compressed += 1;
+                    Frame {
+                        bytes,
+                        droppable: f.droppable,
+                        compressed: true,
+                    }
+                }
+                None => Frame {
+                    bytes: f.bytes.clone(),
+                    droppable: f.droppable,
+                    compressed: false,
+                },
+            };
+            bytes_out += frame.bytes.len() as u64;
+            frame
+        })
+        .collect();
+    let d = &metrics::hot().deflate;
+    d.seconds.record(started.elapsed().as_secs_f64());
+    d.compressed.increment(compressed);
+    d.plain.increment(frames.len() as u64 - compressed);
+    d.bytes_in.increment(bytes_in);
+    d.bytes_out.increment(bytes_out);
+    out
 }
 
 /// Slack for what weighing events one by one does not see: the frame header growing
@@ -113,6 +187,7 @@ fn frame(bytes: Bytes, events: &[Arc<Event>]) -> Frame {
     Frame {
         bytes,
         droppable: events.iter().all(|e| e.body.droppable()),
+        compressed: false,
     }
 }
 

@@ -471,7 +471,7 @@ mod tests {
         let hub = Hub::start(
             Arc::from("t"),
             RoomConfig::default(),
-            crate::config::MIN_OUT_FRAME_BYTES,
+            crate::hub::Encoding::plain(crate::config::MIN_OUT_FRAME_BYTES),
             1,
             crate::hub::Outlets::local("t"),
             &cancel,

@@ -19,7 +19,7 @@
 //! accepts nothing for that long is dead, whatever TCP thinks.
 //!
 //! What goes on the wire is complete frame bytes ([`crate::wire`]); [`socket`] writes
-//! them without a per-connection copy and lets tungstenite validate what comes in.
+//! them without a per-connection copy and lets yawc validate (and inflate) what comes in.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
-use tungstenite::Message;
 
 use crate::admission::Ticket;
 use crate::hub::{Conn, JoinError, Push, Written};
@@ -43,7 +42,7 @@ use crate::wire;
 
 pub mod socket;
 
-use socket::Socket;
+use socket::{Incoming, ReadError, Socket};
 
 /// At most this many queued frames are written per flush, so replies are not starved.
 const MAX_FRAMES_PER_FLUSH: usize = 64;
@@ -91,9 +90,11 @@ struct Session {
 /// Serves one upgraded connection until it ends; leaves its rooms on the way out.
 pub async fn run(mut ws: Socket, shared: Arc<Shared>, params: Params) {
     let id = shared.next_conn_id();
+    metrics::connection_deflate(ws.deflate());
     let conn = Conn::with_socket(
         id,
         params.format,
+        ws.deflate(),
         shared.cfg.limits.outbound_queue,
         ws.inline_sink(),
     );
@@ -189,22 +190,21 @@ impl Session {
                     }
                 }
                 msg = ws.recv() => {
-                    let Some(msg) = msg else { return Ok(()) };
                     self.last_seen = Instant::now();
                     match msg {
                         // Boxed, like the other rare paths below: their futures would
                         // otherwise sit in every idle connection's task.
-                        Ok(Message::Text(t)) => {
-                            Box::pin(self.on_frame(ws, &out, t.as_bytes(), false)).await?;
+                        Ok(Incoming::Text(t)) => {
+                            Box::pin(self.on_frame(ws, &out, &t, false)).await?;
                         }
-                        Ok(Message::Binary(b)) => Box::pin(self.on_frame(ws, &out, &b, true)).await?,
-                        Ok(Message::Ping(_)) => {
-                            if let Some(pong) = ws.take_replies().await {
+                        Ok(Incoming::Binary(b)) => Box::pin(self.on_frame(ws, &out, &b, true)).await?,
+                        Ok(Incoming::Ping) => {
+                            if let Some(pong) = ws.take_replies() {
                                 self.write(ws, pong).await?;
                             }
                         }
-                        Ok(Message::Pong(_) | Message::Frame(_)) => {}
-                        Ok(Message::Close(_)) => return Ok(()),
+                        Ok(Incoming::Pong) => {}
+                        Ok(Incoming::Close) => return Ok(()),
                         Err(e) => return Err(read_error(e)),
                     }
                 }
@@ -240,7 +240,7 @@ impl Session {
                 CloseReason::Code(code)
             }
             End::Peer => {
-                if let Some(reply) = ws.take_replies().await {
+                if let Some(reply) = ws.take_replies() {
                     let send = write_one(ws, &self.conn, self.heartbeat, reply);
                     let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
                 }
@@ -771,26 +771,15 @@ fn joined_within(
     }
 }
 
-/// A read error: an over-long message means close 1009, a text frame that is not UTF-8
-/// close 1007, a frame that breaks RFC 6455 close 1002; anything else ends the socket.
-fn read_error(e: tungstenite::Error) -> End {
-    use tungstenite::error::ProtocolError as P;
+/// A read error: the client's close code where it broke the protocol
+/// ([`socket::ReadError`]), the peer's end where it went away.
+fn read_error(e: ReadError) -> End {
     match e {
-        tungstenite::Error::Capacity(_) => End::Close(CloseCode::TooBig),
-        tungstenite::Error::Utf8(_) => End::Close(CloseCode::InvalidPayload),
-        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => End::Peer,
-        tungstenite::Error::Protocol(
-            P::NonZeroReservedBits
-            | P::UnmaskedFrameFromClient
-            | P::FragmentedControlFrame
-            | P::ControlFrameTooBig
-            | P::UnknownControlFrameType(_)
-            | P::UnknownDataFrameType(_)
-            | P::UnexpectedContinueFrame
-            | P::ExpectedFragment(_)
-            | P::InvalidOpcode(_)
-            | P::InvalidCloseSequence,
-        ) => End::Close(CloseCode::ProtocolError),
-        _ => End::Error,
+        ReadError::Closed => End::Peer,
+        ReadError::Refused { code, source } => {
+            tracing::debug!(error = %source, "client frame refused");
+            End::Close(code)
+        }
+        ReadError::Io(_) => End::Error,
     }
 }

@@ -5,6 +5,8 @@
 //! crash inside the server fails the test that caused it.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
