@@ -23,13 +23,25 @@
 //! missed or duplicated a chat in `reconnect`, or an `--slo` was missed), 2 on a setup
 //! error.
 //!
-//! Modules: [`client`] (connect, bind, WebSocket config, round-robin targets), [`proto`]
-//! (wire frames), [`http`] (the backend API), [`auth`] (JWT minting), [`report`]
-//! (histograms, tallies, output), [`slo`] (objectives), [`progress`] (stderr ticker),
-//! [`sys`] (rlimit, RSS), [`scenarios`] (the runs themselves).
+//! Compression: `--compress` (every scenario but `slowloris`) makes each connection offer
+//! permessage-deflate and inflate what arrives compressed; `fanout`/`rooms`/`soak` then
+//! report how many upgrades agreed and how many `batch` frames arrived compressed, and
+//! `idle` the agreement (the gateway's RSS per connection with compression on). Every
+//! `fanout`/`rooms`/`soak` report has `wire_bytes_in` (bytes read from the sockets, first
+//! chat to end of drain) and `wire_bytes_per_delivered_event`. `--corpus mixed` (`fanout`,
+//! `rooms`, `soak`, `reconnect`) appends a live-room phrase to every chat's stamp.
+//! Usage in detail: `loadtest/README.md`.
+//!
+//! Modules: [`client`] (connect, bind, WebSocket config, the permessage-deflate upgrade,
+//! round-robin targets), [`wire`] (socket byte counting, RSV1 scan), [`proto`] (wire
+//! frames, chat stamps), [`corpus`] (live-room chat texts), [`http`] (the backend API),
+//! [`auth`] (JWT minting), [`report`] (histograms, tallies, output), [`slo`]
+//! (objectives), [`progress`] (stderr ticker), [`sys`] (rlimit, RSS), [`scenarios`] (the
+//! runs themselves).
 
 mod auth;
 mod client;
+mod corpus;
 mod http;
 mod progress;
 mod proto;
@@ -37,6 +49,7 @@ mod report;
 mod scenarios;
 mod slo;
 mod sys;
+mod wire;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -230,6 +243,57 @@ mod tests {
             &["fanout", "--slo", "nope=1"],
             &["storm", "--slo-delivery", "1.1"],
             &["storm", "--slo-p99-ms", "-3"],
+        ] {
+            assert!(
+                Cli::try_parse_from(std::iter::once("loadtest").chain(bad.iter().copied()))
+                    .is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn compress_and_corpus_parse_where_they_apply() {
+        let Command::Fanout(a) = parse(&["fanout"]).command else {
+            panic!("not fanout")
+        };
+        assert!(!a.conn.compress);
+        assert_eq!(a.corpus.corpus, corpus::CorpusKind::Stamp);
+        assert!(a.corpus.chatter(0).is_none());
+        let Command::Fanout(a) = parse(&[
+            "fanout",
+            "--compress",
+            "--corpus",
+            "mixed",
+            "--corpus-seed",
+            "7",
+        ])
+        .command
+        else {
+            panic!("not fanout")
+        };
+        assert!(a.conn.compress);
+        assert_eq!(
+            (a.corpus.corpus, a.corpus.corpus_seed),
+            (corpus::CorpusKind::Mixed, 7)
+        );
+        assert!(a.corpus.chatter(3).is_some());
+        let Command::Rooms(a) = parse(&["rooms", "--compress", "--corpus", "mixed"]).command else {
+            panic!("not rooms")
+        };
+        let a = scenarios::fanout::FanoutArgs::from(a);
+        assert!(a.conn.compress && a.corpus.corpus == corpus::CorpusKind::Mixed);
+        let Command::Idle(a) = parse(&["idle", "--compress"]).command else {
+            panic!("not idle")
+        };
+        assert!(a.conn.compress);
+        for scenario in ["soak", "reconnect"] {
+            parse(&[scenario, "--compress", "--corpus", "mixed"]);
+        }
+        for bad in [
+            &["fanout", "--corpus", "klingon"][..],
+            &["idle", "--corpus", "mixed"],
+            &["fanout", "--compress=maybe"],
         ] {
             assert!(
                 Cli::try_parse_from(std::iter::once("loadtest").chain(bad.iter().copied()))

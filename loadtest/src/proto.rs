@@ -242,7 +242,9 @@ pub fn decode(msg: &Message) -> Decoded<'_> {
     }
 }
 
-/// The timestamped chat text convention: `lt:<run>:<sender>:<seq>:<unix_micros>`.
+/// The timestamped chat text convention: `lt:<run>:<sender>:<seq>:<unix_micros>`,
+/// optionally followed by a space and anything (a `--corpus` phrase): the stamp is read
+/// up to the first space.
 ///
 /// The run id keeps chats of an earlier run (still in a room's history or in flight)
 /// from being counted as this run's deliveries.
@@ -266,7 +268,7 @@ impl ChatStamp {
 
     /// The send time of one of this run's chats, or `None` for any other text.
     pub fn sent_at(&self, text: &str) -> Option<u64> {
-        let rest = text.strip_prefix(self.prefix.as_str())?;
+        let rest = stamp_of(text).strip_prefix(self.prefix.as_str())?;
         let (_, micros) = rest.rsplit_once(':')?;
         micros.parse().ok()
     }
@@ -274,7 +276,7 @@ impl ChatStamp {
     /// Sender, sequence number and send time of one of this run's chats, or `None` for
     /// any other text.
     pub fn parse(&self, text: &str) -> Option<Stamped> {
-        let rest = text.strip_prefix(self.prefix.as_str())?;
+        let rest = stamp_of(text).strip_prefix(self.prefix.as_str())?;
         let mut parts = rest.splitn(3, ':');
         let sender = parts.next()?.parse().ok()?;
         let seq = parts.next()?.parse().ok()?;
@@ -285,6 +287,11 @@ impl ChatStamp {
             sent_us,
         })
     }
+}
+
+/// The stamp of a chat text: all of it up to the first space (none in a stamp).
+fn stamp_of(text: &str) -> &str {
+    text.split_once(' ').map_or(text, |(stamp, _)| stamp)
 }
 
 /// What a stamped chat text says (see [`ChatStamp::text`]).
@@ -332,6 +339,11 @@ mod tests {
         assert_eq!(s.parse("lt:ab12:7:3"), None);
         assert_eq!(s.parse("lt:ab12:x:3:1"), None);
         assert_eq!(s.parse("lt:ab12:7:3:1:9"), None);
+        // A corpus phrase after the stamp, colons and spaces included.
+        let with_phrase = format!("{t} 前方高能 a:b 9:99");
+        assert_eq!(s.sent_at(&with_phrase), Some(1_700_000_000_123_456));
+        assert_eq!(s.parse(&with_phrase).map(|p| p.seq), Some(3));
+        assert_eq!(s.sent_at(" lt:ab12:7:3:1"), None);
     }
 
     #[test]

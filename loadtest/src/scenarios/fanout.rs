@@ -16,6 +16,15 @@
 //! viewers that never churn), each of which is a member from the connect phase to the
 //! end: expected = Σ over rooms of acked chats × stable members. Gifts are counted the
 //! same way by their `count` (the gateway merges a user's same gift within a window).
+//! With `--corpus mixed` the stamp is followed by a live-room phrase ([`crate::corpus`]),
+//! so the payloads (and how well they compress) look like a real room's.
+//!
+//! Bytes on the wire: the sockets' reads of all connections are counted
+//! ([`crate::wire`]) from the first chat to the end of the drain, and divided by the chat
+//! events delivered in that window (`wire_bytes_per_delivered_event`): what one delivered
+//! chat costs the gateway's egress, frame headers, acks and presence included. With
+//! `--compress` the report also says how many upgrades agreed permessage-deflate and how
+//! many `batch` frames arrived compressed (RSV1) or plain.
 //!
 //! Timeline, driven by a `watch` channel every connection task follows:
 //! `Connecting → Warmup → Sending → Draining → Stopped`.
@@ -36,7 +45,8 @@ use super::{
     ConnArgs, ConnectSummary, ConnectTracker, Rng, Usage, UsageWatch, join_all, run_id, secs,
 };
 use crate::auth::Minter;
-use crate::client::{Conn, Target, short_ws_error};
+use crate::client::{Conn, DeflateSummary, Target, short_ws_error};
+use crate::corpus::{self, Chatter, CorpusArgs, CorpusKind};
 use crate::progress::{self, per_sec};
 use crate::proto::{self, ChatStamp, ClientOp, Decoded, Format, ServerFrame};
 use crate::report::{LatencySummary, Report, ShardedHist, Table, Tally, round3, unix_micros};
@@ -51,6 +61,8 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 pub struct FanoutArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
     /// Receivers (anonymous, read-only), spread round-robin over the rooms.
     #[arg(long, default_value_t = 1000)]
     pub conns: usize,
@@ -89,6 +101,8 @@ pub struct FanoutArgs {
 pub struct RoomsArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
     /// Receivers (anonymous, read-only), spread round-robin over the rooms.
     #[arg(long, default_value_t = 10_000)]
     pub conns: usize,
@@ -126,6 +140,8 @@ pub struct RoomsArgs {
 pub struct SoakArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
     /// Viewers (anonymous), spread round-robin over the rooms.
     #[arg(long, default_value_t = 5000)]
     pub conns: usize,
@@ -183,6 +199,7 @@ pub struct SoakArgs {
 struct Plan {
     scenario: &'static str,
     conn: ConnArgs,
+    corpus: CorpusArgs,
     conns: usize,
     rooms: usize,
     senders: usize,
@@ -209,6 +226,7 @@ impl Plan {
         Self {
             scenario,
             conn: a.conn,
+            corpus: a.corpus,
             conns: a.conns,
             rooms: a.rooms,
             senders: a.senders,
@@ -234,6 +252,7 @@ impl From<RoomsArgs> for FanoutArgs {
     fn from(a: RoomsArgs) -> Self {
         FanoutArgs {
             conn: a.conn,
+            corpus: a.corpus,
             conns: a.conns,
             rooms: a.rooms,
             senders: a.senders,
@@ -254,6 +273,7 @@ impl From<SoakArgs> for Plan {
         Self {
             scenario: "soak",
             conn: a.conn,
+            corpus: a.corpus,
             conns: a.conns,
             rooms: a.rooms,
             senders: a.senders,
@@ -361,6 +381,10 @@ struct Shared {
     delivered: AtomicU64,
     frames: AtomicU64,
     batch_frames: AtomicU64,
+    /// Batch frames that arrived compressed (RSV1), plain, or unknown (`--compress`).
+    batch_compressed: AtomicU64,
+    batch_plain: AtomicU64,
+    batch_unknown: AtomicU64,
     batch_events: AtomicU64,
     foreign_chats: AtomicU64,
     garbage: AtomicU64,
@@ -403,12 +427,17 @@ async fn run(plan: Plan, nofile: u64) -> anyhow::Result<FanoutReport> {
     let watch_usage = UsageWatch::start(plan.conn.pid);
     let run = run_id();
     eprintln!(
-        "{scenario}: run {run}: {} viewers ({} churning) + {} senders -> {} ({}), {} rooms",
+        "{scenario}: run {run}: {} viewers ({} churning) + {} senders -> {} ({}{}), {} rooms",
         plan.conns,
         plan.churners,
         plan.senders,
         target.describe(),
         plan.conn.format.as_str(),
+        if target.compress() {
+            ", permessage-deflate offered"
+        } else {
+            ""
+        },
         plan.rooms
     );
     let minter = Minter::new(&plan.secret, 3600 + plan.duration as u64);
@@ -449,6 +478,9 @@ async fn run(plan: Plan, nofile: u64) -> anyhow::Result<FanoutReport> {
         delivered: AtomicU64::new(0),
         frames: AtomicU64::new(0),
         batch_frames: AtomicU64::new(0),
+        batch_compressed: AtomicU64::new(0),
+        batch_plain: AtomicU64::new(0),
+        batch_unknown: AtomicU64::new(0),
         batch_events: AtomicU64::new(0),
         foreign_chats: AtomicU64::new(0),
         garbage: AtomicU64::new(0),
@@ -505,6 +537,8 @@ async fn run(plan: Plan, nofile: u64) -> anyhow::Result<FanoutReport> {
     let members: Vec<u64> = sh.members.iter().map(|m| m.load(Relaxed)).collect();
     let send_start = Instant::now();
     let send_start_us = unix_micros();
+    // The measured window: from the first chat to the end of the drain.
+    let wire_start = sh.target.wire_bytes_in();
     if connect.ok > 0 && !interrupted {
         let now = tokio::time::Instant::now();
         phase_tx.send_replace(Phase::Sending(now, now + secs(sh.plan.duration)));
@@ -513,6 +547,12 @@ async fn run(plan: Plan, nofile: u64) -> anyhow::Result<FanoutReport> {
     let sending_took = send_start.elapsed();
     phase_tx.send_replace(Phase::Draining);
     super::sleep_or_interrupt(secs(sh.plan.drain)).await;
+    let window = Window {
+        sending_took,
+        send_start_us,
+        wire_bytes_in: sh.target.wire_bytes_in().saturating_sub(wire_start),
+        chat_events: sh.delivered.load(Relaxed) + sh.churn.churner_deliveries.load(Relaxed),
+    };
     phase_tx.send_replace(Phase::Stopped);
     drop(progress);
     let aborted = join_all(&mut tasks, Duration::from_secs(10)).await;
@@ -525,10 +565,21 @@ async fn run(plan: Plan, nofile: u64) -> anyhow::Result<FanoutReport> {
         run,
         connect,
         &members,
-        sending_took,
-        send_start_us,
+        window,
         watch_usage.finish(),
     ))
+}
+
+/// The measured window: from the first chat to the end of the drain.
+struct Window {
+    /// How long the sending lasted.
+    sending_took: Duration,
+    /// Unix micros of the first chat.
+    send_start_us: u64,
+    /// Bytes all connections read from their sockets.
+    wire_bytes_in: u64,
+    /// Chat events delivered to this run's members (stable ones and churners) by then.
+    chat_events: u64,
 }
 
 /// Warns about settings that cannot give a clean measurement.
@@ -681,6 +732,8 @@ struct Local {
     /// No chat or gift is sent from this instant on.
     until: Option<tokio::time::Instant>,
     rng: Rng,
+    /// A sender's phrases (`--corpus mixed`).
+    chatter: Option<Chatter>,
 }
 
 type WsResult = Option<Result<Message, tungstenite::Error>>;
@@ -740,6 +793,10 @@ impl Member {
             timer: None,
             until: None,
             rng: Rng::new(self.index as u64),
+            chatter: match &self.role {
+                Role::Sender { j, .. } => sh.plan.corpus.chatter(*j),
+                Role::Viewer { .. } => None,
+            },
         };
         loop {
             let timer_at = loc.timer.unwrap_or_else(tokio::time::Instant::now);
@@ -747,7 +804,8 @@ impl Member {
                 msg = async { conn.as_mut().expect("guarded by is_some").recv().await },
                     if conn.is_some() =>
                 {
-                    if let Err(reason) = self.on_message(msg, &mut loc)
+                    let compressed = conn.as_ref().and_then(Conn::last_compressed);
+                    if let Err(reason) = self.on_message(msg, compressed, &mut loc)
                         && !self.drop_conn(&mut conn, &mut loc, reason)
                     {
                         return;
@@ -972,7 +1030,10 @@ impl Member {
             return Ok(());
         };
         let reference = Self::take_ref(loc, Pending::Chat);
-        let text = self.sh.stamp.text(*j, reference as u64, unix_micros());
+        let mut text = self.sh.stamp.text(*j, reference as u64, unix_micros());
+        if let Some(chatter) = loc.chatter.as_mut() {
+            corpus::append(&mut text, &chatter.next_text(), corpus::MAX_TEXT_CHARS);
+        }
         let msg = proto::encode_chat(
             self.sh.target.format,
             &self.sh.rooms[self.room],
@@ -998,8 +1059,14 @@ impl Member {
         conn.send(msg).await
     }
 
-    /// Handles one read result; `Err(reason)` when the connection is gone.
-    fn on_message(&self, msg: WsResult, loc: &mut Local) -> Result<(), String> {
+    /// Handles one read result (`compressed`: whether it arrived so, if known); `Err(reason)`
+    /// when the connection is gone.
+    fn on_message(
+        &self,
+        msg: WsResult,
+        compressed: Option<bool>,
+        loc: &mut Local,
+    ) -> Result<(), String> {
         let sh = &self.sh;
         let msg = match msg {
             Some(Ok(msg)) => msg,
@@ -1009,7 +1076,7 @@ impl Member {
         match proto::decode(&msg) {
             Decoded::Frame(frame) => {
                 sh.frames.fetch_add(1, Relaxed);
-                self.on_frame(frame, loc);
+                self.on_frame(frame, compressed, loc);
             }
             Decoded::Garbage(why) => {
                 sh.frames.fetch_add(1, Relaxed);
@@ -1026,10 +1093,10 @@ impl Member {
         Ok(())
     }
 
-    fn on_frame(&self, frame: ServerFrame<'_>, loc: &mut Local) {
+    fn on_frame(&self, frame: ServerFrame<'_>, compressed: Option<bool>, loc: &mut Local) {
         let sh = &self.sh;
         match frame.op {
-            "batch" => self.on_batch(&frame),
+            "batch" => self.on_batch(&frame, compressed),
             "ack" | "joined" => {
                 let Some((what, sent)) = frame.reference.and_then(|r| loc.pending.remove(&r))
                 else {
@@ -1095,9 +1162,17 @@ impl Member {
         }
     }
 
-    fn on_batch(&self, frame: &ServerFrame<'_>) {
+    fn on_batch(&self, frame: &ServerFrame<'_>, compressed: Option<bool>) {
         let sh = &self.sh;
         sh.batch_frames.fetch_add(1, Relaxed);
+        if sh.target.compress() {
+            match compressed {
+                Some(true) => &sh.batch_compressed,
+                Some(false) => &sh.batch_plain,
+                None => &sh.batch_unknown,
+            }
+            .fetch_add(1, Relaxed);
+        }
         sh.batch_events
             .fetch_add(frame.events.len() as u64, Relaxed);
         let stable = !self.churner();
@@ -1176,6 +1251,21 @@ pub struct DeliveryStats {
     pub per_s: f64,
 }
 
+/// `--compress`: how the permessage-deflate offers went and how the `batch` frames
+/// arrived (over the whole run, like `batch_frames`).
+#[derive(Debug, Serialize)]
+pub struct CompressionStats {
+    #[serde(flatten)]
+    pub negotiation: DeflateSummary,
+    /// Batch frames whose first frame had RSV1 set (compressed by the gateway).
+    pub batch_frames_compressed: u64,
+    /// Batch frames sent plain (below the gateway's threshold, or not negotiated).
+    pub batch_frames_plain: u64,
+    /// Batch frames whose RSV1 bit could not be told (a connection that read more than
+    /// 1024 messages ahead); normally 0.
+    pub batch_frames_unknown: u64,
+}
+
 /// Free gifts (soak): sent, acked, and their counts delivered to stable members.
 #[derive(Debug, Serialize)]
 pub struct GiftStats {
@@ -1242,6 +1332,18 @@ pub struct FanoutReport {
     /// Chat events that were not this run's (other clients, earlier runs).
     pub foreign_chat_events: u64,
     pub undecodable_frames: u64,
+    /// Chat texts: `stamp` alone, or stamp + a `mixed` corpus phrase.
+    pub corpus: CorpusKind,
+    /// Bytes all connections (viewers and senders) read from their TCP sockets from the
+    /// first chat to the end of the drain: frames as on the wire (headers, control frames,
+    /// compressed or not) of everything the gateway sent, acks and presence included.
+    pub wire_bytes_in: u64,
+    /// `wire_bytes_in` / this run's chat events delivered in that window (to stable
+    /// members and churners): what one delivered chat cost on the wire; 0 if none.
+    pub wire_bytes_per_delivered_event: f64,
+    /// `--compress` only: the negotiation and how batch frames arrived.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gifts: Option<GiftStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1267,8 +1369,7 @@ fn report(
     run_id: String,
     connect: ConnectSummary,
     members: &[u64],
-    sending_took: Duration,
-    send_start_us: u64,
+    window: Window,
     usage: Usage,
 ) -> FanoutReport {
     let plan = &sh.plan;
@@ -1283,7 +1384,7 @@ fn report(
     let delivered = sh.delivered.load(Relaxed);
     let delivery_ratio = ratio(delivered, expected);
     let last_us = sh.last_delivery_us.load(Relaxed);
-    let delivering = Duration::from_micros(last_us.saturating_sub(send_start_us));
+    let delivering = Duration::from_micros(last_us.saturating_sub(window.send_start_us));
     let errors = sh.errors.snapshot();
     let sent = sh.sent.load(Relaxed);
     let acked = sh.acks.load(Relaxed);
@@ -1326,6 +1427,15 @@ fn report(
         }
     });
     let passed = ratio_ok && slo::all_met(&slo);
+    let compression = sh
+        .target
+        .deflate_summary()
+        .map(|negotiation| CompressionStats {
+            negotiation,
+            batch_frames_compressed: sh.batch_compressed.load(Relaxed),
+            batch_frames_plain: sh.batch_plain.load(Relaxed),
+            batch_frames_unknown: sh.batch_unknown.load(Relaxed),
+        });
     FanoutReport {
         scenario: plan.scenario,
         url: plan.conn.url(),
@@ -1344,7 +1454,7 @@ fn report(
             acked,
             unanswered: sent.saturating_sub(acked + refused),
             errors,
-            send_rate: round3(per_sec(sent, sending_took)),
+            send_rate: round3(per_sec(sent, window.sending_took)),
         },
         ack_latency: LatencySummary::of(&sh.ack_latency.snapshot()),
         deliveries: DeliveryStats {
@@ -1359,6 +1469,14 @@ fn report(
         batch_events: sh.batch_events.load(Relaxed),
         foreign_chat_events: sh.foreign_chats.load(Relaxed),
         undecodable_frames: sh.garbage.load(Relaxed),
+        corpus: plan.corpus.corpus,
+        wire_bytes_in: window.wire_bytes_in,
+        wire_bytes_per_delivered_event: if window.chat_events > 0 {
+            round3(window.wire_bytes_in as f64 / window.chat_events as f64)
+        } else {
+            0.0
+        },
+        compression,
         gifts,
         churn,
         min_delivery_ratio: plan.min_delivery_ratio,
@@ -1417,6 +1535,33 @@ impl Report for FanoutReport {
             .row("batch events", self.batch_events)
             .row("foreign chat events", self.foreign_chat_events)
             .row("undecodable frames", self.undecodable_frames);
+        t.section(&format!(
+            "wire (first chat to end of drain; corpus {})",
+            match self.corpus {
+                CorpusKind::Stamp => "stamp",
+                CorpusKind::Mixed => "mixed",
+            }
+        ));
+        t.row("wire bytes in", self.wire_bytes_in).row(
+            "wire bytes/delivered",
+            format!("{} B per chat event", self.wire_bytes_per_delivered_event),
+        );
+        if let Some(c) = &self.compression {
+            t.section("compression (permessage-deflate offered)");
+            t.row(
+                "negotiated",
+                format!(
+                    "{} of {} upgrades",
+                    c.negotiation.negotiated, c.negotiation.offered
+                ),
+            )
+            .row("agreed", c.negotiation.agreed.as_deref().unwrap_or("-"))
+            .row("batch frames compressed", c.batch_frames_compressed)
+            .row("batch frames plain", c.batch_frames_plain);
+            if c.batch_frames_unknown > 0 {
+                t.row("batch frames unknown", c.batch_frames_unknown);
+            }
+        }
         if let Some(g) = &self.gifts {
             t.section(&format!("gifts ({}, {} /s)", g.gift, g.rate));
             t.row("sent", g.sent)
@@ -1459,7 +1604,187 @@ impl Report for FanoutReport {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use clap::Parser;
+    use futures_util::SinkExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use yawc::{OpCode, Options, Role};
+
     use super::*;
+    use crate::client::read_response_head;
+
+    /// What a mock member's outbox carries.
+    type Outbox = UnboundedSender<String>;
+
+    /// A gateway reduced to what `fanout` needs, on yawc's server side: the upgrade (agreeing
+    /// permessage-deflate as the gateway does when offered, compressing frames of 100
+    /// bytes and more), `hello`, `joined` into the URL's room, and for each `chat` an `ack`
+    /// and a `batch` with the chat to every member of the room.
+    async fn mock_gateway() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let rooms: Arc<Mutex<HashMap<String, Vec<Outbox>>>> = Arc::default();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(mock_member(tcp, Arc::clone(&rooms)));
+            }
+        });
+        url
+    }
+
+    async fn mock_member(
+        mut tcp: tokio::net::TcpStream,
+        rooms: Arc<Mutex<HashMap<String, Vec<Outbox>>>>,
+    ) {
+        let Ok((head, _)) = read_response_head(&mut tcp).await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        let key = header("sec-websocket-key").unwrap_or_default();
+        let agreed = header("sec-websocket-extensions")
+            .filter(|e| e.starts_with("permessage-deflate"))
+            .map(|_| "permessage-deflate; server_no_context_takeover; client_no_context_takeover");
+        let room = head
+            .split(['?', '&', ' '])
+            .find_map(|p| p.strip_prefix("room="))
+            .unwrap_or_default()
+            .to_string();
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n",
+            derive_accept_key(key.as_bytes())
+        );
+        if let Some(a) = agreed {
+            answer.push_str(&format!("Sec-WebSocket-Extensions: {a}\r\n"));
+        }
+        answer.push_str("\r\n");
+        if tcp.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+        let options = Options::default()
+            .with_low_latency_compression()
+            .with_compression_threshold(100);
+        let Ok(mut ws) =
+            yawc::WebSocket::from_stream_with_extensions(tcp, Role::Server, agreed, options)
+        else {
+            return;
+        };
+        let (tx, mut rx) = unbounded_channel();
+        let online = {
+            let mut rooms = rooms.lock().unwrap();
+            let members = rooms.entry(room.clone()).or_default();
+            members.push(tx.clone());
+            members.len()
+        };
+        let _ = tx.send(r#"{"op":"hello","conn":"c","node":"n","user":null}"#.to_string());
+        let _ = tx.send(format!(
+            r#"{{"op":"joined","room":"{room}","online":{online},"history":[]}}"#
+        ));
+        loop {
+            tokio::select! {
+                out = rx.recv() => {
+                    let Some(text) = out else { return };
+                    if ws.send(yawc::Frame::text(text)).await.is_err() {
+                        return;
+                    }
+                }
+                frame = ws.next_frame() => {
+                    let Ok(frame) = frame else { return };
+                    if frame.opcode() != OpCode::Text {
+                        continue;
+                    }
+                    let op: serde_json::Value =
+                        serde_json::from_str(frame.as_str()).unwrap_or_default();
+                    if op["op"] != "chat" {
+                        continue;
+                    }
+                    let _ = tx.send(serde_json::json!({"op":"ack","ref":op["ref"]}).to_string());
+                    let batch = serde_json::json!({"op":"batch","room":room,"events":[
+                        {"id":"m-1","ts":1,"type":"chat","user":{"id":"u","name":"n"},
+                         "text":op["text"]}]})
+                    .to_string();
+                    for member in rooms.lock().unwrap().get(&room).into_iter().flatten() {
+                        let _ = member.send(batch.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    #[derive(Parser)]
+    struct FanoutCli {
+        #[command(flatten)]
+        args: FanoutArgs,
+    }
+
+    async fn fanout(url: &str, extra: &[&str]) -> FanoutReport {
+        let mut argv = vec![
+            "fanout",
+            "--target",
+            url,
+            "--conns",
+            "6",
+            "--rooms",
+            "2",
+            "--senders",
+            "2",
+            "--rate",
+            "2",
+            "--duration",
+            "1.5",
+            "--warmup",
+            "0.2",
+            "--drain",
+            "0.5",
+            "--corpus",
+            "mixed",
+        ];
+        argv.extend_from_slice(extra);
+        let args = FanoutCli::try_parse_from(argv).unwrap().args;
+        run_fanout(args, 1024).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compressed_fanout_reports_wire_bytes_and_compressed_batches() {
+        let url = mock_gateway().await;
+        let r = fanout(&url, &["--compress"]).await;
+        assert!(r.connect.all_joined, "{:?}", r.connect.failures);
+        assert!(r.deliveries.expected > 0);
+        assert_eq!(r.deliveries.delivered, r.deliveries.expected);
+        assert_eq!(r.corpus, CorpusKind::Mixed);
+        assert!(r.wire_bytes_in > 0 && r.wire_bytes_per_delivered_event > 0.0);
+        let c = r.compression.as_ref().unwrap();
+        assert_eq!((c.negotiation.offered, c.negotiation.negotiated), (8, 8));
+        // Every batch carries a ~150-byte chat event: all above the mock's threshold.
+        assert_eq!(c.batch_frames_compressed, r.batch_frames);
+        assert_eq!((c.batch_frames_plain, c.batch_frames_unknown), (0, 0));
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json["wire_bytes_in"].as_u64().unwrap() > 0);
+        assert_eq!(json["compression"]["negotiated"], 8);
+        let table = r.human();
+        assert!(
+            table.contains("wire bytes/delivered") && table.contains("batch frames compressed")
+        );
+
+        let plain = fanout(&url, &[]).await;
+        assert_eq!(plain.deliveries.delivered, plain.deliveries.expected);
+        assert!(plain.compression.is_none() && plain.wire_bytes_in > 0);
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(
+            json.get("compression").is_none()
+                && json["wire_bytes_per_delivered_event"].as_f64().unwrap() > 0.0
+        );
+    }
 
     #[test]
     fn senders_spread_over_rooms() {

@@ -1,7 +1,9 @@
 //! `idle`: open N anonymous viewers into one room, hold them, close them. Measures what an
 //! idle connection costs: with `--pid`, the gateway's RSS is read before connecting, once
 //! all joined and at the end of the hold, and divided by the connections held (the
-//! tool's own RSS is reported the same way, to show the client side stays cheap).
+//! tool's own RSS is reported the same way, to show the client side stays cheap). With
+//! `--compress` every connection offers permessage-deflate and the report says how many
+//! the gateway agreed to: what an idle connection costs with compression negotiated.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use serde::Serialize;
 
 use super::crowd::Crowd;
 use super::{ConnArgs, ConnectSummary, Usage, UsageWatch, secs, sleep_or_interrupt};
+use crate::client::DeflateSummary;
 use crate::report::{Report, Table};
 use crate::slo::{self, SloCheck};
 use crate::{progress, sys};
@@ -93,6 +96,10 @@ pub struct IdleReport {
     /// Connections still open at the end of the hold.
     pub open_at_end: u64,
     pub frames_received: u64,
+    /// `--compress` only: how the permessage-deflate offers went (the gateway's memory
+    /// per connection with compression agreed is what `server_rss` then shows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<DeflateSummary>,
     pub server_rss: Option<RssReport>,
     pub client_rss: Option<RssReport>,
     /// `delivery` is joined / attempted, latencies the connect latency.
@@ -118,6 +125,13 @@ impl Report for IdleReport {
         t.tally("dropped while held", &self.dropped)
             .row("open at end of hold", self.open_at_end)
             .row("frames received", self.frames_received);
+        if let Some(c) = &self.compression {
+            t.row(
+                "deflate negotiated",
+                format!("{} of {} upgrades", c.negotiated, c.offered),
+            )
+            .row("deflate agreed", c.agreed.as_deref().unwrap_or("-"));
+        }
         if let Some(rss) = &self.server_rss {
             t.section("gateway RSS");
             rss.rows(&mut t);
@@ -158,6 +172,10 @@ pub async fn run(args: IdleArgs, nofile: u64) -> anyhow::Result<IdleReport> {
     }
     let client_before = client_rss();
 
+    let deflate = {
+        let target = Arc::clone(&target);
+        move || target.deflate_summary()
+    };
     let crowd = Crowd::spawn(target, args.conns, args.conn.concurrency, &args.room, None);
     let progress = {
         let tracker = Arc::clone(&crowd.tracker);
@@ -226,6 +244,7 @@ pub async fn run(args: IdleArgs, nofile: u64) -> anyhow::Result<IdleReport> {
         dropped,
         open_at_end: held,
         frames_received,
+        compression: deflate(),
         server_rss,
         client_rss,
         slo,

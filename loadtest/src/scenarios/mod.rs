@@ -1,6 +1,6 @@
 //! The scenarios (`fanout`/`rooms`/`soak`, `redpacket`, `idle`, `storm`, `slowloris`,
 //! `reconnect`) and what they share: the connection and SLO options common to all of them
-//! ([`ConnArgs`]), the bounded-concurrency connect phase with its bookkeeping
+//! ([`ConnArgs`], `--compress` among them), the bounded-concurrency connect phase with its bookkeeping
 //! ([`ConnectTracker`]), the bounded wait for connection tasks to end, and a small jitter
 //! RNG ([`Rng`]).
 //!
@@ -61,10 +61,15 @@ pub struct ConnArgs {
     /// Bound on the whole connect phase, seconds; the run goes on with what joined.
     #[arg(long, default_value_t = 180.0)]
     pub join_timeout: f64,
-    /// tungstenite's read buffer per connection, KiB (allocated up front: the client's
-    /// memory per connection). Larger means fewer read syscalls for heavy traffic.
+    /// The read buffer per connection, KiB (allocated up front: the client's memory per
+    /// connection). Larger means fewer read syscalls for heavy traffic.
     #[arg(long, default_value_t = 4)]
     pub read_buffer_kib: usize,
+    /// Offer permessage-deflate (RFC 7692) on every WebSocket connection and inflate what
+    /// arrives compressed (those connections use yawc instead of tungstenite). Ignored by
+    /// `slowloris`, whose connections never upgrade.
+    #[arg(long)]
+    pub compress: bool,
     /// Gateway process id (same machine): its CPU seconds (utime+stime) and RSS
     /// (VmRSS, VmHWM) before and after the run go into the report.
     #[arg(long)]
@@ -87,6 +92,9 @@ impl ConnArgs {
         )
         .await?;
         target.read_buffer = self.read_buffer_kib.max(1) * 1024;
+        if self.compress {
+            target.enable_deflate();
+        }
         Ok(target)
     }
 

@@ -8,7 +8,9 @@
 //! close 1001), each attempt to the next target, and sends `join` with `since` = the id of
 //! the last event it received in the room; `joined.recovered` says whether its `history`
 //! holds exactly what followed. Senders reconnect too and keep their pace (a chat due
-//! while a sender has no connection counts as a failed send).
+//! while a sender has no connection counts as a failed send). With `--corpus mixed` each
+//! stamp is followed by a live-room phrase ([`crate::corpus`]); the stamp still identifies
+//! the chat.
 //!
 //! Every viewer keeps the set of this run's chats it received (a bit per chat: sender
 //! and sequence number map to one index), counting a chat received twice as a duplicate
@@ -43,6 +45,7 @@ use super::{
 };
 use crate::auth::Minter;
 use crate::client::{Conn, Failure, Joined, Target, short_ws_error};
+use crate::corpus::{self, Chatter, CorpusArgs};
 use crate::http::Api;
 use crate::progress::{self, per_sec};
 use crate::proto::{self, ChatStamp, Decoded, Format, ServerEvent, Stamped};
@@ -62,6 +65,8 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 pub struct ReconnectArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
     /// Viewers (anonymous), round-robin over the targets.
     #[arg(long, visible_alias = "conns", default_value_t = 1000)]
     pub viewers: usize,
@@ -491,6 +496,7 @@ pub async fn run(args: ReconnectArgs, nofile: u64) -> anyhow::Result<ReconnectRe
             token,
             phase: phase_tx.subscribe(),
             rng: Rng::new(j as u64),
+            chatter: args.corpus.chatter(j),
         };
         tasks.spawn(sender.run());
     }
@@ -924,6 +930,8 @@ struct SenderTask {
     token: String,
     phase: watch::Receiver<Phase>,
     rng: Rng,
+    /// This sender's phrases (`--corpus mixed`).
+    chatter: Option<Chatter>,
 }
 
 /// A sender's connection state.
@@ -1063,7 +1071,10 @@ impl SenderTask {
         let seq = st.seq;
         st.seq += 1;
         let reference = seq as i64 + 1;
-        let text = sh.stamp.text(self.j, seq, unix_micros());
+        let mut text = sh.stamp.text(self.j, seq, unix_micros());
+        if let Some(chatter) = self.chatter.as_mut() {
+            corpus::append(&mut text, &chatter.next_text(), corpus::MAX_TEXT_CHARS);
+        }
         let msg = proto::encode_chat(sh.target.format, &sh.room, &text, reference);
         match conn.send(msg).await {
             Ok(()) => {
