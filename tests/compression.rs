@@ -8,8 +8,8 @@ mod support;
 
 use danmaku_gateway::config::Config;
 use serde_json::{Value, json};
-use support::raw::{FIN, OP_TEXT, RSV1, RawWs, ServerFrame, deflate, frame};
-use support::{Gateway, metric, relax_rate_limits, token};
+use support::raw::{FIN, OP_CONTINUATION, OP_TEXT, RSV1, RawWs, ServerFrame, deflate, frame};
+use support::{Gateway, TestPki, metric, relax_rate_limits, tls_connect, token};
 
 /// What the gateway answers to any offer it accepts.
 const AGREED: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
@@ -226,6 +226,13 @@ async fn a_compressed_client_frame_is_inflated() {
     // A plain frame on the same connection is fine too (RSV1 is per message).
     send_json(&mut sender, json!({"op":"ping","ref":4})).await;
     assert_eq!(reply(&mut sender, 4).await, json!({"op":"pong","ref":4}));
+    // A compressed message in two fragments: RSV1 on the first frame only.
+    let op = json!({"op":"chat","room":"r","text":"in two parts","ref":5}).to_string();
+    let deflated = deflate(op.as_bytes());
+    let (a, b) = deflated.split_at(deflated.len() / 2);
+    sender.send(&frame(RSV1 | OP_TEXT, a, true)).await;
+    sender.send(&frame(FIN | OP_CONTINUATION, b, true)).await;
+    assert_eq!(reply(&mut sender, 5).await, json!({"op":"ack","ref":5}));
     gw.stop().await;
 }
 
@@ -255,5 +262,42 @@ async fn a_compressed_frame_that_does_not_inflate_closes_with_1007() {
     ))
     .await;
     assert_eq!(ws.close_code().await, 1007);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_tls_member_gets_the_same_deflated_payload() {
+    let pki = TestPki::new("deflate-tls");
+    let gw = gateway_with(|c| pki.configure(c)).await;
+    let query = format!("token={}&room=r", token("t", "t"));
+    let offer = [("Sec-WebSocket-Extensions", "permessage-deflate")];
+    let tls = tls_connect(gw.addr, &[&pki.ca], b"", None).await.unwrap();
+    let (mut over_tls, head) = RawWs::upgrade_over(Box::new(tls), gw.addr, &query, &offer).await;
+    assert_eq!(extensions(&head).as_deref(), Some(AGREED));
+    over_tls.next_data().await;
+    let (mut plain_tls, _) = {
+        let tls = tls_connect(gw.addr, &[&pki.ca], b"", None).await.unwrap();
+        let q = format!("token={}&room=r", token("p", "p"));
+        RawWs::upgrade_over(Box::new(tls), gw.addr, &q, &[]).await
+    };
+    plain_tls.next_data().await;
+    let text = long_text();
+    send_json(
+        &mut plain_tls,
+        json!({"op":"chat","room":"r","text":text,"ref":1}),
+    )
+    .await;
+    let (f, v) = next_batch(&mut over_tls, false).await;
+    let (p, _) = next_batch(&mut plain_tls, false).await;
+    assert!(
+        f.rsv1 && !p.rsv1,
+        "the TLS member that negotiated gets RSV1, the other not"
+    );
+    assert_eq!(
+        f.data(),
+        p.payload,
+        "the deflated payload inflates to the plain one"
+    );
+    assert_eq!(v["events"][0]["text"], text.as_str());
     gw.stop().await;
 }

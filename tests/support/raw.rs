@@ -5,15 +5,19 @@
 use std::net::SocketAddr;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::WAIT;
 
-/// A WebSocket over a bare TCP stream, after a hand-written upgrade; bytes past the 101
-/// response are kept for the frame reader.
+/// What a raw client runs over: plain TCP, or a client TLS stream.
+pub trait RawIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> RawIo for T {}
+
+/// A WebSocket over a bare TCP (or TLS) stream, after a hand-written upgrade; bytes past
+/// the 101 response are kept for the frame reader.
 pub struct RawWs {
-    tcp: TcpStream,
+    tcp: Box<dyn RawIo>,
     buf: Vec<u8>,
 }
 
@@ -94,7 +98,17 @@ impl RawWs {
         query: &str,
         extra: &[(&str, &str)],
     ) -> (Self, String) {
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        Self::upgrade_over(Box::new(tcp), addr, query, extra).await
+    }
+
+    /// [`RawWs::connect_with`] over a stream already open to `addr` (TLS, say).
+    pub async fn upgrade_over(
+        mut tcp: Box<dyn RawIo>,
+        addr: SocketAddr,
+        query: &str,
+        extra: &[(&str, &str)],
+    ) -> (Self, String) {
         let mut req = format!(
             "GET /ws?{query} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
