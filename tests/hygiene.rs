@@ -278,3 +278,23 @@ async fn a_stray_continuation_frame_closes_with_1002() {
     .await;
     gw.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// The reader keeps no buffer between messages: a large one still arrives whole
+
+#[tokio::test]
+async fn a_message_larger_than_one_read_is_read_whole() {
+    let gw = gateway().await;
+    let mut ws = RawWs::connect(gw.addr, &format!("token={}", token("alice", "Alice"))).await;
+    // 40 KB: ten times the reader's scratch, so it crosses many socket reads.
+    let pad = "x".repeat(40_000);
+    let op = json!({"op":"ping","ref":9,"pad":pad}).to_string();
+    ws.send(&frame(FIN | OP_TEXT, op.as_bytes(), true)).await;
+    // Then a small one right behind it, likely in the same read as the big one's tail.
+    ws.send(&frame(FIN | OP_TEXT, PING_OP, true)).await;
+    let first: Value = serde_json::from_slice(&ws.next_data().await.payload).unwrap();
+    let second: Value = serde_json::from_slice(&ws.next_data().await.payload).unwrap();
+    assert_eq!(first["ref"], 9, "{first}");
+    assert_eq!(second, json!({"op":"pong","ref":1}));
+    gw.stop().await;
+}

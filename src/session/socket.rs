@@ -39,10 +39,14 @@ use crate::edge::EdgeIo;
 use crate::protocol::CloseCode;
 use crate::wire;
 
-/// Inbound read buffer per socket, held for the connection's life. A client's op is a
-/// few hundred bytes; a larger frame grows the buffer while it is read, and it shrinks
-/// back after.
-const READ_BUFFER: usize = 512;
+/// The frame reader's own buffer between messages: none. yawc gives a buffer grown for a
+/// message back once the message is read, down to this; what an idle connection then
+/// holds is the few bytes the framing layer reserves to poll with.
+const READ_BUFFER: usize = 0;
+/// Bytes one socket read takes at most, into a scratch buffer on the stack: all of a
+/// typical client message (a few hundred bytes) in one `read()`, whatever the reader's
+/// buffer holds; what it cannot take yet waits in `ReadSide::early`.
+const READ_SCRATCH: usize = 4096;
 /// Idle inflaters kept for reuse: about the messages inflated at the same moment (one
 /// per worker thread), not one per connection.
 const INFLATE_POOL: usize = 64;
@@ -105,6 +109,9 @@ pub struct Socket {
 /// What the client sends: the socket's read half, after the bytes hyper read past the
 /// request.
 struct ReadSide {
+    /// Bytes read but not yet taken by the frame reader: what hyper read past the
+    /// request, then the rest of a read its small buffer could not hold. Empty (no
+    /// allocation) while the connection is idle.
     early: Bytes,
     read: ReadHalf,
 }
@@ -297,6 +304,9 @@ fn read_error(e: WebSocketError) -> ReadError {
     ReadError::Refused { code, source: e }
 }
 
+/// Reads go through a stack scratch buffer: one `read()` takes what the client sent, the
+/// frame reader gets what its buffer holds, and the rest waits in `early`, so no
+/// connection keeps a read buffer while it is idle.
 impl AsyncRead for ReadSide {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -304,27 +314,35 @@ impl AsyncRead for ReadSide {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.early.is_empty() {
-            let n = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early[..n]);
-            this.early.advance(n);
+        if this.early.is_empty() {
+            let mut scratch = [0u8; READ_SCRATCH];
+            let n = match &mut this.read {
+                ReadHalf::Tcp(tcp) => loop {
+                    std::task::ready!(tcp.poll_read_ready(cx))?;
+                    match tcp.try_read(&mut scratch) {
+                        Ok(n) => break n,
+                        // The readiness was stale; `try_read` cleared it.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                },
+                ReadHalf::Io(r) => {
+                    let mut into = ReadBuf::new(&mut scratch);
+                    std::task::ready!(Pin::new(r).poll_read(cx, &mut into))?;
+                    into.filled().len()
+                }
+            };
+            let now = n.min(buf.remaining());
+            buf.put_slice(&scratch[..now]);
+            if now < n {
+                this.early = Bytes::copy_from_slice(&scratch[now..n]);
+            }
             return Poll::Ready(Ok(()));
         }
-        match &mut this.read {
-            ReadHalf::Tcp(tcp) => loop {
-                std::task::ready!(tcp.poll_read_ready(cx))?;
-                match tcp.try_read(buf.initialize_unfilled()) {
-                    Ok(n) => {
-                        buf.advance(n);
-                        return Poll::Ready(Ok(()));
-                    }
-                    // The readiness was stale; `try_read` cleared it.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            },
-            ReadHalf::Io(r) => Pin::new(r).poll_read(cx, buf),
-        }
+        let n = this.early.len().min(buf.remaining());
+        buf.put_slice(&this.early[..n]);
+        this.early.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
