@@ -43,6 +43,12 @@ pub trait Backplane: Send + Sync {
     /// The local membership of `room` changed between zero and non-zero: subscribe or
     /// unsubscribe accordingly (the implementation re-reads the current state).
     fn interest(&self, room: &RoomId);
+    /// [`Backplane::interest`] for a room that just got its first local member, waiting
+    /// until the subscription is in place: events published from then on will arrive,
+    /// so the room's log can be read without a hole between what the read returns and
+    /// what pub/sub brings. `false` when it could not be confirmed in time (the
+    /// subscriber is down or slow): a recovery must then not answer `true`.
+    async fn subscribe_now(&self, room: &RoomId) -> bool;
     /// Members of `room` on the other live nodes, as last synchronised; 0 once the last
     /// synchronisation is older than a node is presumed alive (the others' counts can no
     /// longer be told from a dead node's).
@@ -94,6 +100,9 @@ pub struct Local;
 impl Backplane for Local {
     fn publish(&self, _room: &RoomId, _events: &[Arc<Event>], _seen: &[u64]) {}
     fn interest(&self, _room: &RoomId) {}
+    async fn subscribe_now(&self, _room: &RoomId) -> bool {
+        true
+    }
     fn remote_online(&self, _room: &RoomId) -> u64 {
         0
     }

@@ -61,6 +61,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use redis::{PushInfo, PushKind, Value};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -409,8 +410,9 @@ pub struct RedisBackplane {
     link: Arc<RedisLink>,
     outbox: flume::Sender<Outgoing>,
     outbox_rx: flume::Receiver<Outgoing>,
-    interest: flume::Sender<RoomId>,
-    interest_rx: flume::Receiver<RoomId>,
+    /// Rooms whose subscription should be reconciled, with whom to tell once it is.
+    interest: flume::Sender<(RoomId, Option<oneshot::Sender<()>>)>,
+    interest_rx: flume::Receiver<(RoomId, Option<oneshot::Sender<()>>)>,
     /// Members on other live nodes per room, refreshed by the presence task.
     remote: DashMap<RoomId, u64>,
     subscribed_up: AtomicBool,
@@ -785,8 +787,11 @@ impl RedisBackplane {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 room = self.interest_rx.recv_async() => {
-                    let Ok(room) = room else { return Ok(()) };
+                    let Ok((room, done)) = room else { return Ok(()) };
                     self.reconcile(hub, conn, &mut subscribed, room).await?;
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
                 }
                 push = pushes.recv_async() => {
                     let Ok(push) = push else { return Err(disconnected()) };
@@ -1158,7 +1163,22 @@ impl Backplane for RedisBackplane {
 
     fn interest(&self, room: &RoomId) {
         // A lost hint is repaired by the periodic full reconcile.
-        let _ = self.interest.try_send(room.clone());
+        let _ = self.interest.try_send((room.clone(), None));
+    }
+
+    async fn subscribe_now(&self, room: &RoomId) -> bool {
+        if !self.subscribed_up.load(Ordering::Acquire) {
+            self.interest(room);
+            return false;
+        }
+        let (done, subscribed) = oneshot::channel();
+        if self.interest.try_send((room.clone(), Some(done))).is_err() {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(RECOVER_WAIT, subscribed).await,
+            Ok(Ok(()))
+        )
     }
 
     fn remote_online(&self, room: &RoomId) -> u64 {

@@ -44,7 +44,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backplane::Backplane;
+use crate::backplane::{Backplane, ClusterRecovery};
 use crate::config::RoomConfig;
 use crate::metrics;
 use crate::protocol::{Event, EventBody, RoomId, now_ms};
@@ -266,8 +266,10 @@ impl Hub {
         // Everything that waits on the backplane happens before the shard registers the
         // member: from then on its batches may be written, and `joined` must come first.
         let (remote, cluster) = if first {
-            // Subscribe first, then read what the other nodes published before.
-            bp.interest(room);
+            // Subscribe first (and wait until the subscription is in place), then read
+            // what the other nodes published before: what the read misses, pub/sub
+            // brings. Unconfirmed, a recovery could have a hole: it answers `false`.
+            let live = bp.subscribe_now(room).await;
             let (earlier, remote, cluster) = tokio::join!(
                 bp.recent(room, self.0.cfg.history_len),
                 bp.online_elsewhere(room),
@@ -276,7 +278,13 @@ impl Hub {
             if !earlier.is_empty() {
                 r.state.lock().expect("room lock").seed_history(earlier);
             }
-            (remote, cluster)
+            (
+                remote,
+                cluster.map(|c| ClusterRecovery {
+                    recovered: c.recovered && live,
+                    ..c
+                }),
+            )
         } else {
             (bp.remote_online(room), recover.await)
         };
