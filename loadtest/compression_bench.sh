@@ -16,16 +16,13 @@
 set -u
 ulimit -n "$(ulimit -Hn)"
 cd "$(dirname "$0")/.."
+. loadtest/bench_lib.sh
 MODE=${1:-all}
 GWBIN=./target/release/danmaku-gateway
 LT=./target/release/loadtest
 TMP=$(mktemp -d)
 echo "logs and reports in $TMP"
-cleanup() { for p in $(jobs -pr); do kill -KILL "$p" 2>/dev/null; done; }
-trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_up() { for _ in $(seq 100); do curl -sf "localhost:$1/healthz" >/dev/null && return 0; sleep 0.1; done; return 1; }
 
 hot() {
   for round in 1 2; do

@@ -5,9 +5,10 @@
 set -u
 ulimit -n $(ulimit -Hn)
 cd "$(dirname "$0")/.."
+. loadtest/bench_lib.sh
 GW=./target/release/danmaku-gateway; LT=./target/release/loadtest
-rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+rport=$(free_port)
+port=$(free_port)
 D=$(mktemp -d)
 redis-server --port $rport --save '' --appendonly no --dir $D > $D/redis.log 2>&1 & rpid=$!
 sleep 0.5

@@ -12,17 +12,13 @@
 set -u
 ulimit -n "$(ulimit -Hn)"
 cd "$(dirname "$0")/.."
+. loadtest/bench_lib.sh
 MODE=${1:-all}
 GWBIN=./target/release/danmaku-gateway
 LT=./target/release/loadtest
 TMP=$(mktemp -d)
 echo "logs and reports in $TMP"
-cleanup() { for p in $(jobs -pr); do kill -KILL "$p" 2>/dev/null; done; }
-trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
-wait_up() { for _ in $(seq 100); do curl -sf "localhost:$1/healthz" >/dev/null && return 0; sleep 0.1; done; return 1; }
 summary() { # report.json label -> one line
   python3 - "$1" "$2" "${3:-}" <<'PY'
 import json, sys

@@ -955,6 +955,8 @@ mod tests {
                 "[limits]\nmax_handshakes = 0".into(),
                 "limits.max_handshakes",
             ),
+            ("[compression]\nlevel = 0".into(), "compression.level"),
+            ("[compression]\nlevel = 10".into(), "compression.level"),
             // Rates: governor's quota needs a positive, finite period (1 / rate).
             (
                 "[ratelimit]\nchat = { rate = 0.0, burst = 5 }".into(),

@@ -320,15 +320,7 @@ async fn dev_settings(
         }
         settings.slow_mode_s = s;
     }
-    shared
-        .moderation
-        .apply(Change::Settings {
-            room: room.clone(),
-            settings,
-        })
-        .await
-        .map_err(moderation::store_error)?;
-    Ok(axum::Json(shared.moderation.settings(&room)).into_response())
+    moderation::apply_settings(&shared, room, settings).await
 }
 
 #[cfg(test)]

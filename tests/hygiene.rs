@@ -298,3 +298,33 @@ async fn a_message_larger_than_one_read_is_read_whole() {
     assert_eq!(second, json!({"op":"pong","ref":1}));
     gw.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// The replies the protocol owes: built by the gateway, not the frame reader
+
+#[tokio::test]
+async fn a_client_ping_gets_a_pong_with_its_payload() {
+    let gw = gateway().await;
+    let mut ws = RawWs::connect(gw.addr, &format!("token={}", token("alice", "Alice"))).await;
+    ws.send(&frame(FIN | OP_PING, b"are you there", true)).await;
+    let pong = loop {
+        let f = ws.next_frame().await;
+        if f.opcode == 0xA {
+            break f;
+        }
+    };
+    assert!(pong.fin && !pong.rsv1);
+    assert_eq!(pong.payload, b"are you there");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_close_is_echoed_with_its_code() {
+    let gw = gateway().await;
+    let mut ws = RawWs::connect(gw.addr, &format!("token={}", token("alice", "Alice"))).await;
+    let mut close = 4321u16.to_be_bytes().to_vec();
+    close.extend_from_slice(b"bye");
+    ws.send(&frame(FIN | 0x8, &close, true)).await;
+    assert_eq!(ws.close_code().await, 4321);
+    gw.stop().await;
+}

@@ -19,7 +19,7 @@ use super::{ApiPath, Body, HttpError, parse_body, room_param};
 use crate::metrics;
 use crate::moderation::{
     Applied, Change, ChatState, Lists, MAX_DURATION_S, MAX_FILTER_WORDS, MAX_REASON_CHARS,
-    MAX_SLOW_MODE_S, MAX_USER_BYTES, MAX_WORD_CHARS, ModerationError, Restriction,
+    MAX_SLOW_MODE_S, MAX_USER_BYTES, MAX_WORD_CHARS, ModerationError, Restriction, RoomSettings,
 };
 use crate::protocol::{EventBody, RoomId, now_ms};
 use crate::shared::Shared;
@@ -274,6 +274,16 @@ async fn put_settings(
     if let Some(s) = b.slow_mode_s {
         settings.slow_mode_s = s;
     }
+    apply_settings(&shared, room, settings).await
+}
+
+/// Puts `settings` in force for `room` and answers with the settings then in force (the
+/// API's `PUT .../settings` and the demo's dev panel).
+pub(crate) async fn apply_settings(
+    shared: &Shared,
+    room: RoomId,
+    settings: RoomSettings,
+) -> Result<Response, HttpError> {
     shared
         .moderation
         .apply(Change::Settings {

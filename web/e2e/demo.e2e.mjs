@@ -278,6 +278,9 @@ step('a network blink: gifts posted meanwhile show once each, "nothing missed"',
     console.log('# skip - network blink recovery: this gateway binary has no `since` support (rebuild it)');
     return;
   }
+  // The restart step's notice ("some messages may have been missed") may still be up:
+  // the one this step waits for must be the blink's own.
+  await bob.locator('#reconnect-notice').waitFor({ state: 'hidden', timeout: 15000 });
   const context = bob.context();
   // Offline first, so that the reconnect fails until we are back: a gap of our choosing.
   await context.setOffline(true);
