@@ -88,54 +88,65 @@ struct Session {
 }
 
 /// Serves one upgraded connection until it ends; leaves its rooms on the way out.
-pub async fn run(mut ws: Socket, shared: Arc<Shared>, params: Params) {
-    let id = shared.next_conn_id();
-    metrics::connection_deflate(ws.deflate());
-    let conn = Conn::with_socket(
-        id,
-        params.format,
-        ws.deflate(),
-        shared.cfg.limits.outbound_queue,
-        ws.inline_sink(),
-    );
-    // A ban closes every connection of the user (on every node): this one is found by
-    // the registration until the session ends.
-    let registration = params
-        .user
-        .as_ref()
-        .map(|u| shared.moderation.register(&u.id, &conn));
-    let hot = metrics::hot();
-    hot.connections.increment(1.0);
-    hot.connections_opened.increment(1);
-    let heartbeat = Duration::from_millis(shared.cfg.server.heartbeat_ms);
-    let rate_key = match &params.user {
-        Some(u) => Key::User(Arc::from(u.id.as_str())),
-        None => Key::Conn(id),
-    };
-    let mut session = Session {
-        rate_key,
-        ip: params.ip,
-        shared,
-        conn,
-        user: params.user,
-        rooms: Vec::new(),
-        bad_frames: 0,
-        last_seen: Instant::now(),
-        heartbeat,
-    };
-    let end = match session.serve(&mut ws, params.room).await {
-        Ok(()) => End::Peer,
-        Err(end) => end,
-    };
-    // Boxed: the goodbye runs once, and inline its futures would count in every idle
-    // connection's task.
-    let reason = Box::pin(session.goodbye(&mut ws, end)).await;
-    session.conn.close_queue();
-    Box::pin(session.leave_all()).await;
-    hot.connections.decrement(1.0);
-    hot.closed(reason).increment(1);
-    drop(registration);
-    drop(params.ticket);
+///
+/// A plain function returning an `async move` block rather than an `async fn`: an
+/// `async fn` moves its arguments into locals of its own and keeps both copies in its
+/// state, which would put the socket into every idle connection's task twice.
+#[allow(clippy::manual_async_fn)]
+pub fn run(
+    mut ws: Socket,
+    shared: Arc<Shared>,
+    params: Params,
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let id = shared.next_conn_id();
+        metrics::connection_deflate(ws.deflate());
+        let conn = Conn::with_socket(
+            id,
+            params.format,
+            ws.deflate(),
+            shared.cfg.limits.outbound_queue,
+            ws.inline_sink(),
+        );
+        // A ban closes every connection of the user (on every node): this one is found by
+        // the registration until the session ends.
+        let registration = params
+            .user
+            .as_ref()
+            .map(|u| shared.moderation.register(&u.id, &conn));
+        let hot = metrics::hot();
+        hot.connections.increment(1.0);
+        hot.connections_opened.increment(1);
+        let heartbeat = Duration::from_millis(shared.cfg.server.heartbeat_ms);
+        let rate_key = match &params.user {
+            Some(u) => Key::User(Arc::from(u.id.as_str())),
+            None => Key::Conn(id),
+        };
+        let mut session = Session {
+            rate_key,
+            ip: params.ip,
+            shared,
+            conn,
+            user: params.user,
+            rooms: Vec::new(),
+            bad_frames: 0,
+            last_seen: Instant::now(),
+            heartbeat,
+        };
+        let end = match session.serve(&mut ws, params.room).await {
+            Ok(()) => End::Peer,
+            Err(end) => end,
+        };
+        // Boxed: the goodbye runs once, and inline its futures would count in every idle
+        // connection's task.
+        let reason = Box::pin(session.goodbye(&mut ws, end)).await;
+        session.conn.close_queue();
+        Box::pin(session.leave_all()).await;
+        hot.connections.decrement(1.0);
+        hot.closed(reason).increment(1);
+        drop(registration);
+        drop(params.ticket);
+    }
 }
 
 impl Session {

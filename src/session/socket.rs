@@ -8,6 +8,16 @@
 //!   always negotiate `client_no_context_takeover`), so a connection owns none. yawc
 //!   rather than tungstenite because tungstenite rejects every frame with RSV1 set, i.e.
 //!   every compressed frame a browser sends.
+//! - **An idle connection has no reader.** yawc's reader is about 900 bytes of state
+//!   (codec, buffers, fragment assembly), most of an idle connection's footprint. A plain
+//!   socket's session waits for the socket to turn readable with nothing but the socket;
+//!   the reader is built when bytes arrive and dropped again once a message is read and
+//!   nothing is left over. To know that, [`ReadSide`] hands the reader no byte past the
+//!   end of the frame under way ([`Meter`]): once a frame is read, the reader's buffer is
+//!   empty, and whatever the client sent after it waits in `ReadSide::early` (then the
+//!   reader is kept until that is read too). Client messages are rare next to
+//!   deliveries, so building a reader per message costs little; TLS connections keep
+//!   theirs (their read state lives in rustls anyway).
 //! - **Writing** is ours: every frame the gateway sends is already complete wire bytes
 //!   ([`crate::wire`]), shared by every member it goes to. They are written straight to
 //!   the socket from the member's queue ([`crate::hub::Conn::write_front`]), several at
@@ -25,10 +35,11 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -99,21 +110,53 @@ pub enum ReadError {
 
 /// An upgraded WebSocket connection, server side.
 pub struct Socket {
-    reader: WebSocket<ReadSide>,
+    /// The frame reader: while a message is being read, or bytes wait past the last one
+    /// read. Always there for TLS.
+    reader: Option<Box<Reader>>,
+    /// A plain socket, which the session waits on, readerless, while the client is
+    /// quiet; `None` for TLS.
+    quiet: Option<Arc<TcpStream>>,
     writer: WriteSide,
-    deflate: bool,
+    config: ReadConfig,
     /// Replies owed to the client (a pong, the close echo), as frame bytes.
     replies: Option<Bytes>,
+}
+
+/// yawc's reader over one connection, and whether it may be dropped.
+struct Reader {
+    ws: WebSocket<ReadSide>,
+    /// Set by its [`ReadSide`]: every byte handed out belongs to whole frames, no
+    /// fragmented message is under way and nothing waits in `early`. The reader then
+    /// holds no state worth keeping.
+    spent: Arc<AtomicBool>,
 }
 
 /// What the client sends: the socket's read half, after the bytes hyper read past the
 /// request.
 struct ReadSide {
     /// Bytes read but not yet taken by the frame reader: what hyper read past the
-    /// request, then the rest of a read its small buffer could not hold. Empty (no
+    /// request, then the rest of a read the frame under way could not take. Empty (no
     /// allocation) while the connection is idle.
     early: Bytes,
     read: ReadHalf,
+    meter: Meter,
+    spent: Arc<AtomicBool>,
+}
+
+/// Where the bytes handed to the frame reader stand in the client's frame stream. Only
+/// the frame lengths and the FIN and opcode bits are looked at, to hand out no byte past
+/// the frame under way; yawc validates everything (a header it refuses ends the
+/// connection before its payload is asked for).
+#[derive(Debug, Default)]
+struct Meter {
+    /// The header of the frame under way, as far as handed out (at most 14 bytes).
+    head: [u8; 14],
+    seen: usize,
+    /// Payload bytes of the frame under way still to hand out, once its header is.
+    left: u64,
+    in_payload: bool,
+    /// A data message in fragments is under way (its first frame had FIN clear).
+    fragmented: bool,
 }
 
 enum ReadHalf {
@@ -161,51 +204,65 @@ impl Socket {
                 }
             },
         };
-        Socket::new(ReadSide { early, read }, writer, config)
+        Socket::new(read, early, writer, config)
     }
 
-    fn new(side: ReadSide, writer: WriteSide, config: ReadConfig) -> Socket {
-        // Both bounds are exclusive in yawc: one more than the largest message allowed.
-        let limit = config.max_message + 1;
-        let mut options = Options::default()
-            .with_max_payload_read(limit)
-            .with_max_read_buffer(limit)
-            .with_read_buffer_capacity(READ_BUFFER)
-            // yawc writes only replies we drop (see `ReadSide`'s `AsyncWrite`).
-            .with_write_buffer_capacity(0)
-            .with_utf8();
-        if config.deflate {
-            options = options
-                .with_low_latency_compression()
-                .server_no_context_takeover()
-                .client_no_context_takeover()
-                .with_deflate_pool(inflate_pool().clone());
-        }
-        let extensions = config.deflate.then_some(DEFLATE_RESPONSE);
-        let reader =
-            WebSocket::from_stream_with_extensions(side, Role::Server, extensions, options)
-                .expect("compression is enabled in the options whenever the extension is");
-        Socket {
-            reader,
+    fn new(read: ReadHalf, early: Bytes, writer: WriteSide, config: ReadConfig) -> Socket {
+        let quiet = match &read {
+            ReadHalf::Tcp(tcp) => Some(Arc::clone(tcp)),
+            ReadHalf::Io(_) => None,
+        };
+        let mut socket = Socket {
+            reader: None,
+            quiet,
             writer,
-            deflate: config.deflate,
+            config,
             replies: None,
+        };
+        // A reader now only if something must be read already: bytes the client sent
+        // along with its request, or a stream without a readiness to wait on (TLS).
+        if !early.is_empty() || socket.quiet.is_none() {
+            socket.reader = Some(Box::new(Reader::new(read, early, config)));
         }
+        socket
     }
 
     /// The client negotiated permessage-deflate.
     pub fn deflate(&self) -> bool {
-        self.deflate
+        self.config.deflate
     }
 
     /// The next message from the client.
+    ///
+    /// Cancel-safe: a quiet connection waits for readability without a reader, and a
+    /// message half read stays in the reader.
     ///
     /// # Errors
     /// The stream ended, the client broke the protocol (with the close code it earns),
     /// or the socket failed.
     pub async fn recv(&mut self) -> Result<Incoming, ReadError> {
         loop {
-            let frame = self.reader.next_frame().await.map_err(read_error)?;
+            if self.reader.is_none() {
+                let tcp = self
+                    .quiet
+                    .as_ref()
+                    .expect("only a plain socket is ever without a reader");
+                // A peek rather than `readable()`: the readiness left over from the
+                // upgrade request is stale, and would build a reader for nothing.
+                std::future::poll_fn(|cx| {
+                    let mut byte = [0u8; 1];
+                    tcp.poll_peek(cx, &mut ReadBuf::new(&mut byte))
+                })
+                .await
+                .map_err(|e| ReadError::Io(WebSocketError::IoError(e)))?;
+                let read = ReadHalf::Tcp(Arc::clone(tcp));
+                self.reader = Some(Box::new(Reader::new(read, Bytes::new(), self.config)));
+            }
+            let reader = self.reader.as_mut().expect("a reader was just made");
+            let frame = reader.ws.next_frame().await.map_err(read_error)?;
+            if self.quiet.is_some() && reader.spent.load(Ordering::Relaxed) {
+                self.reader = None;
+            }
             let (opcode, _, payload) = frame.into_parts();
             return Ok(match opcode {
                 OpCode::Text => Incoming::Text(payload),
@@ -227,6 +284,12 @@ impl Socket {
                 OpCode::Continuation => continue,
             });
         }
+    }
+
+    /// The connection holds a frame reader now (tests of the idle footprint).
+    #[cfg(test)]
+    fn has_reader(&self) -> bool {
+        self.reader.is_some()
     }
 
     /// The plain socket, for the member's queue to write inline; `None` for TLS.
@@ -271,6 +334,100 @@ impl Socket {
     }
 }
 
+impl Reader {
+    /// yawc's reader over `read`, starting with the bytes in `early`.
+    fn new(read: ReadHalf, early: Bytes, config: ReadConfig) -> Reader {
+        // Both bounds are exclusive in yawc: one more than the largest message allowed.
+        let limit = config.max_message + 1;
+        let mut options = Options::default()
+            .with_max_payload_read(limit)
+            .with_max_read_buffer(limit)
+            .with_read_buffer_capacity(READ_BUFFER)
+            // yawc writes only replies we drop (see `ReadSide`'s `AsyncWrite`).
+            .with_write_buffer_capacity(0)
+            .with_utf8();
+        if config.deflate {
+            options = options
+                .with_low_latency_compression()
+                .server_no_context_takeover()
+                .client_no_context_takeover()
+                .with_deflate_pool(inflate_pool().clone());
+        }
+        let spent = Arc::new(AtomicBool::new(early.is_empty()));
+        let side = ReadSide {
+            early,
+            read,
+            meter: Meter::default(),
+            spent: Arc::clone(&spent),
+        };
+        let extensions = config.deflate.then_some(DEFLATE_RESPONSE);
+        let ws = WebSocket::from_stream_with_extensions(side, Role::Server, extensions, options)
+            .expect("compression is enabled in the options whenever the extension is");
+        Reader { ws, spent }
+    }
+}
+
+impl Meter {
+    /// How many of the next bytes belong to the frame under way (never 0).
+    fn allowance(&self) -> u64 {
+        if self.in_payload {
+            self.left
+        } else {
+            (header_len(&self.head[..self.seen]) - self.seen) as u64
+        }
+    }
+
+    /// Takes note of `bytes`, handed out to the reader; never more than
+    /// [`Self::allowance`].
+    fn advance(&mut self, bytes: &[u8]) {
+        if self.in_payload {
+            self.left -= bytes.len() as u64;
+        } else {
+            self.head[self.seen..self.seen + bytes.len()].copy_from_slice(bytes);
+            self.seen += bytes.len();
+            if self.seen < 2 || self.seen < header_len(&self.head[..self.seen]) {
+                return;
+            }
+            let (fin, opcode) = (self.head[0] & 0x80 != 0, self.head[0] & 0x0F);
+            match (opcode, fin) {
+                (0x1 | 0x2, false) => self.fragmented = true,
+                (0x0, true) => self.fragmented = false,
+                _ => {}
+            }
+            self.left = match self.head[1] & 0x7F {
+                126 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
+                127 => u64::from_be_bytes(self.head[2..10].try_into().expect("8 bytes")),
+                n => u64::from(n),
+            };
+            self.in_payload = true;
+        }
+        if self.left == 0 {
+            self.in_payload = false;
+            self.seen = 0;
+        }
+    }
+
+    /// The bytes handed out end on a frame boundary, outside a fragmented message.
+    fn settled(&self) -> bool {
+        !self.in_payload && self.seen == 0 && !self.fragmented
+    }
+}
+
+/// The length of a frame header whose first bytes are `head`: 2, plus 2 or 8 for an
+/// extended length, plus 4 for a mask; 2 until the second byte is known.
+fn header_len(head: &[u8]) -> usize {
+    let Some(&second) = head.get(1) else {
+        return 2;
+    };
+    let extended = match second & 0x7F {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let mask = if second & 0x80 != 0 { 4 } else { 0 };
+    2 + extended + mask
+}
+
 /// The process's pool of inflate state, shared by every connection that negotiated
 /// permessage-deflate.
 fn inflate_pool() -> &'static yawc::DeflatePool {
@@ -305,8 +462,8 @@ fn read_error(e: WebSocketError) -> ReadError {
 }
 
 /// Reads go through a stack scratch buffer: one `read()` takes what the client sent, the
-/// frame reader gets what its buffer holds, and the rest waits in `early`, so no
-/// connection keeps a read buffer while it is idle.
+/// frame reader gets what its buffer holds and the frame under way needs ([`Meter`]),
+/// and the rest waits in `early`, so no connection keeps a read buffer while it is idle.
 impl AsyncRead for ReadSide {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -314,6 +471,9 @@ impl AsyncRead for ReadSide {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let want = usize::try_from(this.meter.allowance())
+            .unwrap_or(usize::MAX)
+            .min(buf.remaining());
         if this.early.is_empty() {
             let mut scratch = [0u8; READ_SCRATCH];
             let n = match &mut this.read {
@@ -332,17 +492,27 @@ impl AsyncRead for ReadSide {
                     into.filled().len()
                 }
             };
-            let now = n.min(buf.remaining());
+            let now = n.min(want);
             buf.put_slice(&scratch[..now]);
+            this.meter.advance(&scratch[..now]);
             if now < n {
                 this.early = Bytes::copy_from_slice(&scratch[now..n]);
             }
-            return Poll::Ready(Ok(()));
+        } else {
+            let taken = this.early.split_to(this.early.len().min(want));
+            buf.put_slice(&taken);
+            this.meter.advance(&taken);
         }
-        let n = this.early.len().min(buf.remaining());
-        buf.put_slice(&this.early[..n]);
-        this.early.advance(n);
+        this.note_spent();
         Poll::Ready(Ok(()))
+    }
+}
+
+impl ReadSide {
+    /// Tells the [`Reader`] whether it holds anything worth keeping.
+    fn note_spent(&self) {
+        let spent = self.meter.settled() && self.early.is_empty();
+        self.spent.store(spent, Ordering::Relaxed);
     }
 }
 
@@ -374,5 +544,136 @@ impl WriteSide {
             WriteSide::Tcp(_) => Ok(()),
             WriteSide::Io(w) => w.flush().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    const FIN: u8 = 0x80;
+
+    /// A client frame: masked, with the shortest length encoding.
+    fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [1u8, 2, 3, 4];
+        let mut out = vec![first];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        out
+    }
+
+    /// A plain server socket and the client's end of it.
+    async fn pair() -> (Socket, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let tcp = Arc::new(server);
+        let config = ReadConfig {
+            max_message: 1 << 20,
+            deflate: false,
+        };
+        let socket = Socket::new(
+            ReadHalf::Tcp(Arc::clone(&tcp)),
+            Bytes::new(),
+            WriteSide::Tcp(tcp),
+            config,
+        );
+        (socket, client)
+    }
+
+    fn text(m: Incoming) -> Bytes {
+        match m {
+            Incoming::Text(t) => t,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_meter_follows_frame_lengths_and_fragments() {
+        for (payload, header) in [(5usize, 6usize), (126, 8), (70_000, 14)] {
+            let f = frame(FIN | 0x1, &vec![b'a'; payload]);
+            assert_eq!(f.len(), header + payload);
+            let mut m = Meter::default();
+            // Handed out in the pieces the meter allows, a byte at a time where it is
+            // small: it never asks past the frame.
+            let mut at = 0;
+            while at < f.len() {
+                let n = (m.allowance() as usize).min(7);
+                assert!(n > 0 && at + n <= f.len(), "payload {payload}: {n} at {at}");
+                m.advance(&f[at..at + n]);
+                at += n;
+                assert_eq!(m.settled(), at == f.len());
+            }
+        }
+        // A data frame without FIN opens a fragmented message; a ping inside it does not
+        // settle it; the final continuation does.
+        let mut m = Meter::default();
+        for (f, settled) in [
+            (frame(0x1, b"ab"), false),
+            (frame(FIN | 0x9, b""), false),
+            (frame(FIN, b"cd"), true),
+        ] {
+            let mut at = 0;
+            while at < f.len() {
+                let n = m.allowance() as usize;
+                m.advance(&f[at..at + n]);
+                at += n;
+            }
+            assert_eq!(m.settled(), settled);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_holds_no_reader() {
+        let (mut socket, mut client) = pair().await;
+        assert!(!socket.has_reader(), "nothing read yet");
+        client.write_all(&frame(FIN | 0x1, b"one")).await.unwrap();
+        assert_eq!(text(socket.recv().await.unwrap()), "one");
+        assert!(!socket.has_reader(), "one message read, nothing left over");
+
+        // Two messages in one write: the second waits past the first, so the reader
+        // stays until it is read.
+        let mut both = frame(FIN | 0x1, b"two");
+        both.extend(frame(FIN | 0x1, &vec![b'x'; 300]));
+        client.write_all(&both).await.unwrap();
+        assert_eq!(text(socket.recv().await.unwrap()), "two");
+        assert!(socket.has_reader(), "the next message is already here");
+        assert_eq!(text(socket.recv().await.unwrap()).len(), 300);
+        assert!(!socket.has_reader());
+
+        // A ping inside a fragmented message keeps the half-assembled message.
+        client.write_all(&frame(0x1, b"fr")).await.unwrap();
+        client.write_all(&frame(FIN | 0x9, b"p")).await.unwrap();
+        assert!(matches!(socket.recv().await.unwrap(), Incoming::Ping));
+        assert!(socket.has_reader(), "a message is half read");
+        client.write_all(&frame(FIN, b"ag")).await.unwrap();
+        assert_eq!(text(socket.recv().await.unwrap()), "frag");
+        assert!(!socket.has_reader());
+
+        // A waiting recv that is dropped (the session's select took another branch)
+        // leaves nothing behind and loses nothing.
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), socket.recv()).await;
+        assert!(waited.is_err());
+        assert!(!socket.has_reader());
+        client.write_all(&frame(FIN | 0x1, b"after")).await.unwrap();
+        assert_eq!(text(socket.recv().await.unwrap()), "after");
+        drop(client);
+        assert!(matches!(socket.recv().await, Err(ReadError::Closed)));
     }
 }
