@@ -24,7 +24,7 @@
 //! | [`edge`] | accepting: the accept loop (deadline and cap until the first request), PROXY protocol, TLS (certificate reload), trusted proxies, `X-Forwarded-For` |
 //! | [`admission`] | per-node and per-IP connection caps, checked before the upgrade |
 //! | [`upgrade`] | the WebSocket opening handshake (and the permessage-deflate offer); hands the session the raw socket |
-//! | [`session`] | one connection: reads (yawc validates and inflates), writes (shared frame bytes), heartbeats, its rooms |
+//! | [`session`] | one connection: reads (yawc validates and inflates; no reader while quiet), writes (shared frame bytes), heartbeats, its rooms |
 //! | [`wire`] | server frames as complete WebSocket bytes, encoded once and shared; their permessage-deflate form |
 //! | [`hub`] | rooms, flushers (batching, gift merging, chat budgets), event logs (history, recovery), encoded windows and shards (fan-out) |
 //! | [`ratelimit`] | per-user GCRA budgets for chat, free gifts, grabs, joins |
