@@ -50,28 +50,24 @@ else:
 PY
 }
 
-if [ "$MODE" = idle ] || [ "$MODE" = all ]; then
-  for round in 1 2; do
-    for which in before after; do
-      bin=$BEFORE; [ $which = after ] && bin=$AFTER
-      run "idle $which $round" "$bin" free -- idle --conns 15000 --concurrency 500 --hold 5 --room idle-room
-    done
+# alternate ROUNDS LABEL PIN -- loadtest args...: before, after, before, after, ...
+alternate() {
+  local rounds=$1 label=$2 pin=$3; shift 4
+  for round in $(seq "$rounds"); do
+    run "$label before $round" "$BEFORE" "$pin" -- "$@"
+    run "$label after $round" "$AFTER" "$pin" -- "$@"
   done
+}
+
+if [ "$MODE" = idle ] || [ "$MODE" = all ]; then
+  alternate 2 idle free -- idle --conns 15000 --concurrency 500 --hold 5 --room idle-room
 fi
 if [ "$MODE" = storm ] || [ "$MODE" = all ]; then
-  for round in 1 2; do
-    for which in before after; do
-      bin=$BEFORE; [ $which = after ] && bin=$AFTER
-      run "storm $which $round" "$bin" free -- storm --conns 15000 --concurrency 500
-    done
-  done
+  alternate 2 storm free -- storm --conns 15000 --concurrency 500
 fi
 if [ "$MODE" = fanout ] || [ "$MODE" = all ]; then
   for rate in 20 100; do
-    for which in before after; do
-      bin=$BEFORE; [ $which = after ] && bin=$AFTER
-      run "fanout $rate/s $which" "$bin" pin -- fanout --conns 5000 --rooms 1 \
-        --senders $rate --rate $rate --duration 20
-    done
+    alternate 1 "fanout $rate/s" pin -- fanout --conns 5000 --rooms 1 \
+      --senders $rate --rate $rate --duration 20
   done
 fi

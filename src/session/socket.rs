@@ -113,9 +113,6 @@ pub struct Socket {
     /// The frame reader: while a message is being read, or bytes wait past the last one
     /// read. Always there for TLS.
     reader: Option<Box<Reader>>,
-    /// A plain socket, which the session waits on, readerless, while the client is
-    /// quiet; `None` for TLS.
-    quiet: Option<Arc<TcpStream>>,
     writer: WriteSide,
     config: ReadConfig,
     /// Replies owed to the client (a pong, the close echo), as frame bytes.
@@ -208,20 +205,15 @@ impl Socket {
     }
 
     fn new(read: ReadHalf, early: Bytes, writer: WriteSide, config: ReadConfig) -> Socket {
-        let quiet = match &read {
-            ReadHalf::Tcp(tcp) => Some(Arc::clone(tcp)),
-            ReadHalf::Io(_) => None,
-        };
         let mut socket = Socket {
             reader: None,
-            quiet,
             writer,
             config,
             replies: None,
         };
         // A reader now only if something must be read already: bytes the client sent
         // along with its request, or a stream without a readiness to wait on (TLS).
-        if !early.is_empty() || socket.quiet.is_none() {
+        if !early.is_empty() || socket.plain().is_none() {
             socket.reader = Some(Box::new(Reader::new(read, early, config)));
         }
         socket
@@ -244,8 +236,7 @@ impl Socket {
         loop {
             if self.reader.is_none() {
                 let tcp = self
-                    .quiet
-                    .as_ref()
+                    .plain()
                     .expect("only a plain socket is ever without a reader");
                 // A peek rather than `readable()`: the readiness left over from the
                 // upgrade request is stale, and would build a reader for nothing.
@@ -260,7 +251,8 @@ impl Socket {
             }
             let reader = self.reader.as_mut().expect("a reader was just made");
             let frame = reader.ws.next_frame().await.map_err(read_error)?;
-            if self.quiet.is_some() && reader.spent.load(Ordering::Relaxed) {
+            // A TLS reader is never dropped: there is no readiness to wait on without it.
+            if reader.spent.load(Ordering::Relaxed) && self.plain().is_some() {
                 self.reader = None;
             }
             let (opcode, _, payload) = frame.into_parts();
@@ -294,8 +286,14 @@ impl Socket {
 
     /// The plain socket, for the member's queue to write inline; `None` for TLS.
     pub fn inline_sink(&self) -> Option<Arc<TcpStream>> {
+        self.plain().map(Arc::clone)
+    }
+
+    /// The plain TCP socket (written inline, and waited on while the client is quiet);
+    /// `None` for TLS.
+    fn plain(&self) -> Option<&Arc<TcpStream>> {
         match &self.writer {
-            WriteSide::Tcp(tcp) => Some(Arc::clone(tcp)),
+            WriteSide::Tcp(tcp) => Some(tcp),
             WriteSide::Io(_) => None,
         }
     }
@@ -385,7 +383,7 @@ impl Meter {
         } else {
             self.head[self.seen..self.seen + bytes.len()].copy_from_slice(bytes);
             self.seen += bytes.len();
-            if self.seen < 2 || self.seen < header_len(&self.head[..self.seen]) {
+            if self.seen < header_len(&self.head[..self.seen]) {
                 return;
             }
             let (fin, opcode) = (self.head[0] & 0x80 != 0, self.head[0] & 0x0F);
@@ -575,13 +573,19 @@ mod tests {
         out
     }
 
-    /// A plain server socket and the client's end of it.
+    /// A plain server socket and the client's end of it, after the server has read
+    /// (as hyper does) a request the client sent first: the socket's readiness is left
+    /// set, with nothing to read.
     async fn pair() -> (Socket, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
+        client.write_all(b"GET /ws HTTP/1.1\r\n\r\n").await.unwrap();
+        server.readable().await.unwrap();
+        let mut request = [0u8; 64];
+        assert_eq!(server.try_read(&mut request).unwrap(), 20);
         let tcp = Arc::new(server);
         let config = ReadConfig {
             max_message: 1 << 20,
@@ -642,6 +646,11 @@ mod tests {
     async fn a_quiet_connection_holds_no_reader() {
         let (mut socket, mut client) = pair().await;
         assert!(!socket.has_reader(), "nothing read yet");
+        // The readiness the request left is stale: waiting on it builds no reader.
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), socket.recv()).await;
+        assert!(waited.is_err(), "nothing was sent");
+        assert!(!socket.has_reader(), "a stale readiness built a reader");
         client.write_all(&frame(FIN | 0x1, b"one")).await.unwrap();
         assert_eq!(text(socket.recv().await.unwrap()), "one");
         assert!(!socket.has_reader(), "one message read, nothing left over");
